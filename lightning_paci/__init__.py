@@ -1,0 +1,1 @@
+"""lightning_paci: pipeline-parallel training for Lightning with the PACI schedule."""

@@ -1,0 +1,186 @@
+"""Actions and plans: the one description of a pipeline schedule that every consumer reads.
+
+A plan gives, for each stage, the ordered list of actions that stage runs. The multi-process
+runtime executes it, the simulator times it, the tests check it and the grid printer shows it.
+Nothing here imports torch.
+
+Actions print compactly and parse back: ``F3`` forward of micro-batch 3, ``B3`` its backward,
+``S`` an optimizer step of the stage (it follows the backward that completes a window)::
+
+    >>> parse_actions("F0 F1 B0 S")
+    (F0, F1, B0, S)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import NamedTuple
+
+FORWARD, BACKWARD, STEP = "F", "B", "S"
+_ACTION_RE = re.compile(r"^(?:([FB])(\d+)|S)$")
+
+
+class Action(NamedTuple):
+    """One unit of stage work: ``kind`` is F, B or S; ``micro_batch`` is None for S."""
+
+    kind: str
+    micro_batch: int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.micro_batch is None else f"{self.kind}{self.micro_batch}"
+
+    __repr__ = __str__
+
+
+def F(j: int) -> Action:
+    return Action(FORWARD, j)
+
+
+def B(j: int) -> Action:
+    return Action(BACKWARD, j)
+
+
+S = Action(STEP)
+
+
+def parse_actions(text: str) -> tuple[Action, ...]:
+    """Parse the text form (``"F0 B0 S"``) back into actions."""
+    actions = []
+    for token in text.split():
+        match = _ACTION_RE.match(token)
+        if match is None:
+            raise ValueError(f"cannot parse action {token!r}: expected F<n>, B<n> or S")
+        kind, j = match.groups()
+        actions.append(S if kind is None else Action(kind, int(j)))
+    return tuple(actions)
+
+
+def format_actions(actions: tuple[Action, ...] | list[Action]) -> str:
+    return " ".join(map(str, actions))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-stage action lists for ``n_batches`` global batches, ending drained.
+
+    ``stages[i]`` is what stage ``i`` (0 = first) runs; micro-batch ``j`` belongs to global batch
+    ``j // micro_batches``. ``accumulation`` is the number of backwards each optimizer step averages.
+    """
+
+    schedule: str
+    n_stages: int
+    micro_batches: int
+    accumulation: int
+    n_batches: int
+    stages: tuple[tuple[Action, ...], ...]
+
+    def grid(self, mark: tuple[int, int] | None = None) -> str:
+        """The plan as a stage x slot table; ``mark=(stage, index)`` brackets one cell."""
+        width = max((len(str(a)) for acts in self.stages for a in acts), default=1) + 2
+        lines = [f"{self.schedule}: {self.n_stages} stages, {self.micro_batches} micro-batches, "
+                 f"accumulation {self.accumulation}, {self.n_batches} batches"]
+        for i, actions in enumerate(self.stages):
+            cells = []
+            for k, action in enumerate(actions):
+                text = f"[{action}]" if mark == (i, k) else str(action)
+                cells.append(text.rjust(width))
+            lines.append(f"stage {i}:" + "".join(cells))
+        return "\n".join(lines)
+
+
+def version_drift(actions: tuple[Action, ...] | list[Action]) -> dict[int, int]:
+    """Drift of each micro-batch on one stage: optimizer steps between its forward and backward."""
+    version, at_forward, drift = 0, {}, {}
+    for action in actions:
+        if action.kind == STEP:
+            version += 1
+        elif action.kind == FORWARD:
+            at_forward[action.micro_batch] = version
+        else:
+            drift[action.micro_batch] = version - at_forward[action.micro_batch]
+    return drift
+
+
+def drift_histogram(actions: tuple[Action, ...] | list[Action]) -> dict[int, int]:
+    return dict(sorted(Counter(version_drift(actions).values()).items()))
+
+
+def max_drift(actions: tuple[Action, ...] | list[Action]) -> int:
+    return max(version_drift(actions).values(), default=0)
+
+
+def peak_in_flight(actions: tuple[Action, ...] | list[Action]) -> int:
+    """Most micro-batches forwarded but not yet backwarded at any point on one stage."""
+    live = peak = 0
+    for action in actions:
+        live += {FORWARD: 1, BACKWARD: -1}.get(action.kind, 0)
+        peak = max(peak, live)
+    return peak
+
+
+def drift_bound(stage: int, n_stages: int, accumulation: int) -> int:
+    """PACI's bound: between F(j) and B(j) stage i runs N-1-i other backwards, so ceil((N-1-i)/a)."""
+    return math.ceil((n_stages - 1 - stage) / accumulation)
+
+
+def validate(plan: Plan) -> None:
+    """Raise ValueError unless the plan is complete, ordered, stepped correctly and deadlock-free.
+
+    Deadlock freedom is checked by running the plan with blocking receives and non-blocking sends:
+    F(j) on stage i waits for F(j) on stage i-1, B(j) on stage i waits for B(j) on stage i+1.
+    """
+    n_micro = plan.n_batches * plan.micro_batches
+    for i, actions in enumerate(plan.stages):
+        forwards = [a.micro_batch for a in actions if a.kind == FORWARD]
+        backwards = [a.micro_batch for a in actions if a.kind == BACKWARD]
+        if forwards != list(range(n_micro)) or backwards != list(range(n_micro)):
+            raise ValueError(f"stage {i}: forwards and backwards must each cover micro-batches "
+                             f"0..{n_micro - 1} in order, got {format_actions(actions)}")
+        seen, since_step = set(), 0
+        for k, action in enumerate(actions):
+            nxt = actions[k + 1] if k + 1 < len(actions) else None
+            if action.kind == FORWARD:
+                seen.add(action.micro_batch)
+            elif action.kind == BACKWARD:
+                if action.micro_batch not in seen:
+                    raise ValueError(f"stage {i}: {action} at slot {k} precedes its forward")
+                since_step += 1
+                if since_step == plan.accumulation and nxt != S:
+                    raise ValueError(f"stage {i}: no step after {action}, the backward that completes "
+                                     f"a window of {plan.accumulation} (slot {k})")
+            else:
+                partial_drain_step = 0 < since_step < plan.accumulation and nxt is None
+                if since_step != plan.accumulation and not partial_drain_step:
+                    raise ValueError(f"stage {i}: step at slot {k} after {since_step} backwards; steps "
+                                     f"come after every {plan.accumulation}th, or last to drain a window")
+                since_step = 0
+        if since_step:
+            raise ValueError(f"stage {i}: plan ends with {since_step} backwards not stepped (not drained)")
+    _check_deadlock_free(plan)
+
+
+def _check_deadlock_free(plan: Plan) -> None:
+    n = plan.n_stages
+    cursor = [0] * n
+    done: list[set[Action]] = [set() for _ in range(n)]
+    progress = True
+    while progress:
+        progress = False
+        for i in range(n):
+            while cursor[i] < len(plan.stages[i]):
+                action = plan.stages[i][cursor[i]]
+                if action.kind == FORWARD and i > 0 and action not in done[i - 1]:
+                    break
+                if action.kind == BACKWARD and i < n - 1 and action not in done[i + 1]:
+                    break
+                done[i].add(action)
+                cursor[i] += 1
+                progress = True
+    stuck = [i for i in range(n) if cursor[i] < len(plan.stages[i])]
+    if stuck:
+        i = stuck[0]
+        raise ValueError(f"plan deadlocks: stage {i} waits forever at slot {cursor[i]}\n"
+                         + plan.grid(mark=(i, cursor[i])))

@@ -1,0 +1,120 @@
+"""GPipe, 1F1B-flush and PACI as pure functions from sizes to plans (no torch import).
+
+Each schedule says which forwards and backwards a stage runs while global batch ``k`` (counted
+from the last drain) is being trained, and which it still owes at a drain. Optimizer steps are
+inserted by one shared rule, not by the schedules: every stage runs its backwards in micro-batch
+order, so ``S`` follows ``B(j)`` exactly when ``(j + 1) % accumulation == 0``, and a drain ends with
+one more ``S`` if a window is left partly accumulated. See ../shared/PACI.md for the canonical order.
+
+Micro-batch ``j`` of a segment belongs to batch ``j // m``; numbering restarts after each drain,
+where the pipeline is empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning_paci.plan import B, F, Plan, S, Action, validate
+
+SCHEDULES = ("paci", "1f1b", "gpipe")
+# The Lightning strategy names (StrategyRegistry) for each schedule.
+STRATEGY_NAMES = {"paci": "paci", "1f1b": "pipe_1f1b", "gpipe": "pipe_gpipe"}
+
+
+def check_schedule(name: str) -> str:
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+    return name
+
+
+def warmup(schedule: str, stage: int, n_stages: int, micro_batches: int) -> int:
+    """Forwards a stage runs ahead of its first backward (w_i in PACI.md)."""
+    if schedule == "gpipe":
+        return micro_batches
+    if schedule == "1f1b":
+        return min(n_stages - 1 - stage, micro_batches)
+    return n_stages - 1 - stage
+
+
+def _forwards_backwards(schedule: str, stage: int, n_stages: int, m: int, k: int) -> list[Action]:
+    """F/B order of stage ``stage`` while batch ``k`` trains (no steps yet)."""
+    first = k * m
+    w = warmup(schedule, stage, n_stages, m)
+    if schedule == "paci":  # F(j), then the backward w forwards behind it, never flushing
+        out = []
+        for j in range(first, first + m):
+            out.append(F(j))
+            if j - w >= 0:
+                out.append(B(j - w))
+        return out
+    # Flush schedules finish batch k inside its own window.
+    out = [F(j) for j in range(first, first + w)]
+    for j in range(first, first + m - w):
+        out += [F(j + w), B(j)]
+    return out + [B(j) for j in range(first + m - w, first + m)]
+
+
+def _owed_at_drain(schedule: str, stage: int, n_stages: int, m: int, n_batches: int) -> list[Action]:
+    """Backwards still owed after ``n_batches`` batches: PACI's last w_i; none for flush schedules."""
+    if schedule != "paci":
+        return []
+    total = n_batches * m
+    return [B(j) for j in range(max(0, total - warmup(schedule, stage, n_stages, m)), total)]
+
+
+def _with_steps(actions: list[Action], accumulation: int) -> list[Action]:
+    out = []
+    for action in actions:
+        out.append(action)
+        if action.kind == "B" and (action.micro_batch + 1) % accumulation == 0:
+            out.append(S)
+    return out
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """A schedule with its sizes; the runtime asks it for one batch (or one drain) at a time."""
+
+    schedule: str
+    n_stages: int
+    micro_batches: int
+    accumulation: int
+
+    def __post_init__(self) -> None:
+        check_schedule(self.schedule)
+        for name in ("n_stages", "micro_batches", "accumulation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def batch(self, stage: int, k: int) -> tuple[Action, ...]:
+        """Actions stage ``stage`` runs while batch ``k`` (since the last drain) trains."""
+        fb = _forwards_backwards(self.schedule, stage, self.n_stages, self.micro_batches, k)
+        return tuple(_with_steps(fb, self.accumulation))
+
+    def drain(self, stage: int, n_batches: int) -> tuple[Action, ...]:
+        """Actions that empty the pipeline after ``n_batches`` batches and close the last window."""
+        owed = _with_steps(_owed_at_drain(self.schedule, stage, self.n_stages, self.micro_batches,
+                                          n_batches), self.accumulation)
+        if (n_batches * self.micro_batches) % self.accumulation:
+            owed.append(S)
+        return tuple(owed)
+
+    def plan(self, n_batches: int) -> Plan:
+        """The whole segment: batches 0..n_batches-1 then the drain, for every stage."""
+        stages = []
+        for i in range(self.n_stages):
+            actions: list[Action] = []
+            for k in range(n_batches):
+                actions += self.batch(i, k)
+            stages.append(tuple(actions) + self.drain(i, n_batches))
+        return Plan(self.schedule, self.n_stages, self.micro_batches, self.accumulation, n_batches,
+                    tuple(stages))
+
+
+def build_plan(schedule: str, n_stages: int, micro_batches: int, accumulation: int | None = None,
+               n_batches: int = 1) -> Plan:
+    """Validated plan; ``accumulation`` defaults to ``micro_batches`` (one step per global batch)."""
+    spec = PlanSpec(schedule, n_stages, micro_batches, accumulation or micro_batches)
+    plan = spec.plan(n_batches)
+    validate(plan)
+    return plan
