@@ -1,0 +1,183 @@
+"""Running the user's own training_step on every stage while each stage computes only its part.
+
+Every process keeps the user's whole module tree, but units of other stages are *hollow*: their
+parameters live on the meta device (no memory) and their forward computes only output shapes.
+
+- Stage i > 0 starts a micro-batch in the *meta prefix*: the user's code runs on meta tensors
+  (free) until the first unit of stage i is called; its pre-hook swaps the meta inputs for the
+  activations received from stage i-1 and ends the prefix. A TorchFunctionMode moves real tensors
+  to meta when user code mixes them with meta ones inside the prefix (``tok_emb + pos_emb``).
+- Stage i < N-1 stops the micro-batch at the pre-hook of the first unit of stage i+1 by raising
+  ``StageOutput`` carrying that unit's inputs: exactly what stage i+1 substitutes.
+- The last stage runs to the end of training_step, so the loss and every ``self.log`` are the
+  user's own.
+
+Out-of-order use is caught, not silently miscomputed: a hollow unit called after the prefix ended
+(a module reused later in forward, e.g. tied weights) or an owned unit fed meta tensors raises a
+``PartitionError`` that names the module and suggests split_points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+class PartitionError(RuntimeError):
+    """The model's forward does not follow the stage split."""
+
+
+class StageOutput(Exception):
+    """Raised at the next stage's first unit; carries the tensors that cross the boundary."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        super().__init__("stage output")
+        self.tensors = tensors
+
+
+def _to_meta(tree: Any) -> Any:
+    flat, spec = tree_flatten(tree)
+    return tree_unflatten([t.to("meta") if isinstance(t, Tensor) and not t.is_meta else t for t in flat],
+                          spec)
+
+
+def _signature(training: bool, flat: list[Any]) -> tuple | None:
+    """What a hollow unit's output shapes depend on; None if an argument is not simple to compare."""
+    key: list[Any] = [training]
+    for leaf in flat:
+        if isinstance(leaf, Tensor):
+            key.append((tuple(leaf.shape), leaf.dtype))
+        elif isinstance(leaf, (int, float, str, bool, type(None))):
+            key.append(leaf)
+        else:
+            return None
+    return tuple(key)
+
+
+class MetaPrefix(TorchFunctionMode):
+    """While ``active``, any torch call mixing meta and real tensors runs entirely on meta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+        kwargs = kwargs or {}
+        if self.active:
+            flat, _ = tree_flatten((args, kwargs))
+            tensors = [t for t in flat if isinstance(t, Tensor)]
+            if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors):
+                args, kwargs = _to_meta((args, kwargs))
+        return func(*args, **kwargs)
+
+
+class StageView:
+    """Hooks that turn one process's copy of the model into stage ``stage`` of the pipeline."""
+
+    def __init__(self, model: nn.Module, units: dict[str, int], stage: int, n_stages: int) -> None:
+        self.stage, self.n_stages = stage, n_stages
+        self.prefix = MetaPrefix()
+        self._received: list[Tensor] | None = None
+        self._modules = dict(model.named_modules())
+        self._handles = []
+        first_of = {}
+        for name, s in units.items():
+            first_of.setdefault(s, name)
+        self.entry = first_of[stage] if stage > 0 else None
+        self.exit = first_of[stage + 1] if stage + 1 < n_stages else None
+        for name, s in units.items():
+            module = self._modules[name]
+            if s == stage:
+                hook = self._enter if name == self.entry else self._check_real(name)
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                module.to("meta")
+                module.forward = self._hollow_forward(name, s, module.forward)
+                if name == self.exit:
+                    self._handles.append(module.register_forward_pre_hook(self._leave, with_kwargs=True))
+
+    def run(self, fn: Callable[[], Any], received: list[Tensor]) -> tuple[Any, list[Tensor] | None]:
+        """Run one micro-batch of user code; returns (its result, None) or (None, tensors to send)."""
+        self._received = received
+        if self.stage == 0:
+            return self._call(fn)
+        self.prefix.active = True
+        try:
+            with self.prefix:
+                result = self._call(fn)
+        finally:
+            self.prefix.active = False
+        if self._received is not None:
+            raise PartitionError(f"stage {self.stage} never reached its first module {self.entry}: the "
+                                 "forward did not call it; pass split_points naming modules it calls")
+        return result
+
+    def _call(self, fn: Callable[[], Any]) -> tuple[Any, list[Tensor] | None]:
+        try:
+            return fn(), None
+        except StageOutput as out:
+            return None, out.tensors
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._received is None:
+            raise PartitionError(f"{self.entry}, the first module of stage {self.stage}, ran twice in one "
+                                 "forward; a stage must start at a module called once per forward")
+        flat, spec = tree_flatten((args, kwargs))
+        slots = [k for k, t in enumerate(flat) if isinstance(t, Tensor)]
+        if len(slots) != len(self._received):
+            raise PartitionError(f"stage {self.stage} received {len(self._received)} tensors but "
+                                 f"{self.entry} takes {len(slots)}")
+        for k, t in zip(slots, self._received):
+            if tuple(flat[k].shape) != tuple(t.shape):
+                raise PartitionError(f"stage {self.stage}: {self.entry} expects an input of shape "
+                                     f"{tuple(flat[k].shape)} but stage {self.stage - 1} sent "
+                                     f"{tuple(t.shape)}")
+            flat[k] = t
+        self._received = None
+        self.prefix.active = False
+        return tree_unflatten(flat, spec)
+
+    def _leave(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.prefix.active:
+            raise PartitionError(f"{self.exit} (stage {self.stage + 1}) was called before stage "
+                                 f"{self.stage} began at {self.entry}: the forward calls modules out of "
+                                 "registration order; pass split_points in execution order")
+        flat, _ = tree_flatten((args, kwargs))
+        raise StageOutput([t for t in flat if isinstance(t, Tensor)])
+
+    def _check_real(self, name: str) -> Callable:
+        def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            flat, _ = tree_flatten((args, kwargs))
+            if any(isinstance(t, Tensor) and t.is_meta for t in flat):
+                raise PartitionError(
+                    f"{name} (stage {self.stage}) was called before {self.entry or 'the stage'} began: the "
+                    "forward calls modules out of registration order; reorder the submodules' "
+                    "registration or pass split_points")
+        return check
+
+    def _hollow_forward(self, name: str, owner: int, forward: Callable) -> Callable:
+        cache: dict[Any, Any] = {}
+
+        def hollow(*args: Any, **kwargs: Any) -> Any:
+            if not self.prefix.active:
+                raise PartitionError(
+                    f"{name} belongs to stage {owner} but was called while stage {self.stage} computes: "
+                    f"a module used in two places of the forward (tied or reused weights) or modules "
+                    "called out of registration order; untie it or pass split_points that keep its uses on "
+                    "one stage")
+            flat, _ = tree_flatten((args, kwargs))
+            key = _signature(self._modules[name].training, flat)
+            if key is None:
+                with torch.no_grad():
+                    return forward(*_to_meta(args), **_to_meta(kwargs))
+            if key not in cache:  # shape inference once per input signature
+                with torch.no_grad():
+                    cache[key] = forward(*_to_meta(args), **_to_meta(kwargs))
+            return cache[key]
+        return hollow

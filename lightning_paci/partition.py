@@ -1,0 +1,205 @@
+"""Splitting an ordinary LightningModule into pipeline stages, as data: module names per stage.
+
+The partitioner needs no tracing. It finds the *trunk*, the ``nn.ModuleList``/``nn.Sequential``
+with the most parameters (the transformer blocks of a nanoGPT-style model, or a plain
+``nn.Sequential`` itself), and lists the model's *units* in registration order: every module on the
+path from the root to the trunk is replaced by its children, the trunk by its blocks. For nanoGPT::
+
+    transformer.wte, transformer.wpe, transformer.drop, transformer.h.0 ... transformer.h.11,
+    transformer.ln_f, lm_head
+
+A stage is a contiguous run of units. Automatic partitions cut only in front of a trunk block or
+right after the trunk (so the last stage may be just the final norm and the head); the input of the
+first unit of a stage is what its previous stage sends. ``split_points`` names the units where
+stages 1..N-1 begin (torch.distributed.pipelining's ``SplitPoint.BEGINNING``) and may cut anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+try:  # torchmetrics modules are per-process bookkeeping, not pipeline units
+    from torchmetrics import Metric as _Metric
+except ImportError:  # pragma: no cover - torchmetrics is a dependency
+    _Metric = ()
+
+PARTITIONS = ("parameters", "uniform")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Units in execution order and the stage each belongs to; ``trunk`` is the block container."""
+
+    units: tuple[str, ...]
+    stage_of: tuple[int, ...]
+    params: tuple[int, ...]
+    trunk: str
+
+    @property
+    def n_stages(self) -> int:
+        return self.stage_of[-1] + 1
+
+    def stage_units(self, stage: int) -> list[str]:
+        return [u for u, s in zip(self.units, self.stage_of) if s == stage]
+
+    def first_unit(self, stage: int) -> str:
+        """The unit whose input is what stage ``stage - 1`` sends."""
+        return self.stage_units(stage)[0]
+
+    def stage_params(self, stage: int) -> int:
+        return sum(p for p, s in zip(self.params, self.stage_of) if s == stage)
+
+    def table(self) -> str:
+        total = max(sum(self.params), 1)
+        rows = [f"{'stage':>5} | {'units':<48} | {'parameters':>12} | share"]
+        for i in range(self.n_stages):
+            units = self.stage_units(i)
+            span = units[0] if len(units) == 1 else f"{units[0]} .. {units[-1]} ({len(units)})"
+            n = self.stage_params(i)
+            rows.append(f"{i:>5} | {span:<48} | {n:>12,} | {n / total:5.1%}")
+        return "\n".join(rows)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _is_block_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2
+
+
+def find_trunk(model: nn.Module) -> str:
+    """Name of the block container with the most parameters (shallowest on ties)."""
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if _is_block_container(m) and not isinstance(m, _Metric)]
+    if not candidates:
+        raise ValueError(
+            f"cannot split {type(model).__name__} into stages: it has no nn.ModuleList or nn.Sequential "
+            "of blocks. Pipeline stages need a forward that runs an embedding, a ModuleList/Sequential of "
+            "blocks, a final norm and a head (nanoGPT style), or a plain nn.Sequential; otherwise pass "
+            "split_points=[...] with the names of the modules where stages 2..N begin.")
+    best = max(candidates, key=lambda c: (_params(c[1]), -c[0].count(".")))
+    return best[0]
+
+
+def list_units(model: nn.Module, trunk: str) -> list[tuple[str, nn.Module]]:
+    """Units in registration order: ancestors of the trunk expanded into children, trunk into blocks."""
+    path = trunk.split(".") if trunk else []
+    units: list[tuple[str, nn.Module]] = []
+
+    def expand(module: nn.Module, prefix: str, depth: int) -> None:
+        own = [n for n, p in module.named_parameters(recurse=False)]
+        if own:
+            raise ValueError(
+                f"cannot split: parameters {[prefix + n for n in own]} sit directly on "
+                f"{prefix.rstrip('.') or 'the root module'}, which the pipeline splits into stages; move them "
+                "into a submodule (e.g. an nn.Embedding or a small nn.Module) so they belong to one stage")
+        for name, child in module.named_children():
+            full = prefix + name
+            if isinstance(child, _Metric):
+                continue
+            if depth < len(path) and name == path[depth]:
+                expand(child, full + ".", depth + 1)
+            else:
+                units.append((full, child))
+
+    expand(model, "", 0)
+    return units
+
+
+def _candidate_cuts(names: list[str], trunk: str) -> list[int]:
+    """Unit indices where an automatic partition may start a stage."""
+    prefix = trunk + "." if trunk else ""
+    blocks = [k for k, n in enumerate(names) if n.startswith(prefix) and "." not in n[len(prefix):]]
+    cuts = blocks[1:]
+    if blocks[-1] + 1 < len(names):
+        cuts.append(blocks[-1] + 1)
+    return cuts
+
+
+def _balanced_cuts(weights: list[int], cuts: list[int], n_stages: int) -> list[int]:
+    """Choose n_stages-1 cut indices minimising the heaviest stage (exact dynamic programme)."""
+    bounds = [0] + cuts + [len(weights)]
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+
+    def cost(a: int, b: int) -> int:
+        return prefix[bounds[b]] - prefix[bounds[a]]
+
+    last = len(bounds) - 1
+    # best[s][b]: minimal max-weight covering units up to bounds[b] with s stages; choice for backtrack.
+    inf = float("inf")
+    best = [[inf] * (last + 1) for _ in range(n_stages + 1)]
+    choice = [[0] * (last + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0
+    for s in range(1, n_stages + 1):
+        for b in range(1, last + 1):
+            for a in range(s - 1, b):
+                value = max(best[s - 1][a], cost(a, b))
+                if value < best[s][b]:
+                    best[s][b], choice[s][b] = value, a
+    out, b = [], last
+    for s in range(n_stages, 0, -1):
+        a = choice[s][b]
+        out.append(a)
+        b = a
+    return [bounds[a] for a in sorted(out)[1:]]
+
+
+def partition_model(model: nn.Module, n_stages: int, split_points: list[str] | None = None,
+                    partition: str = "parameters") -> Partition:
+    """Assign every unit of ``model`` to one of ``n_stages`` stages; raises ValueError with a fix."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition={partition!r} is not supported: choose one of {PARTITIONS}")
+    trunk = find_trunk(model)
+    units = list_units(model, trunk)
+    names = [n for n, _ in units]
+    params = [_params(m) for _, m in units]
+    if split_points is not None:
+        unknown = [p for p in split_points if p not in names]
+        if unknown:
+            raise ValueError(f"split_points {unknown} are not units of the model; valid names, in "
+                             f"execution order: {', '.join(names)}")
+        starts = [names.index(p) for p in split_points]
+        if len(starts) != n_stages - 1 or starts != sorted(set(starts)) or 0 in starts:
+            raise ValueError(f"split_points must name {n_stages - 1} distinct units in execution order "
+                             f"(the first units of stages 1..{n_stages - 1}), got {split_points}")
+    else:
+        cuts = _candidate_cuts(names, trunk)
+        n_blocks = sum(1 for n in names if n.startswith(trunk + ".") or not trunk)
+        if n_stages - 1 > len(cuts):
+            raise ValueError(f"cannot split into {n_stages} stages: the model has {n_blocks} blocks in "
+                             f"'{trunk or type(model).__name__}' (at most {len(cuts) + 1} stages); use "
+                             "fewer stages/devices or pass split_points")
+        if partition == "uniform":
+            prefix = trunk + "."
+            weights = [1 if n.startswith(prefix) or not trunk else 0 for n in names]
+        else:
+            weights = params
+        starts = _balanced_cuts(weights, cuts, n_stages)
+    stage_of, stage = [], 0
+    for k in range(len(names)):
+        if stage < len(starts) and k == starts[stage]:
+            stage += 1
+        stage_of.append(stage)
+    found = Partition(tuple(names), tuple(stage_of), tuple(params), trunk)
+    check_tied(model, found)
+    return found
+
+
+def check_tied(model: nn.Module, partition: Partition) -> None:
+    """Parameters shared by units of different stages cannot live on one process; name them."""
+    owner: dict[int, tuple[str, int]] = {}
+    modules = dict(model.named_modules())
+    for unit, stage in zip(partition.units, partition.stage_of):
+        for pname, p in modules[unit].named_parameters(remove_duplicate=False):
+            seen = owner.setdefault(id(p), (f"{unit}.{pname}", stage))
+            if seen[1] != stage:
+                raise ValueError(
+                    f"parameter {seen[0]} (stage {seen[1]}) is the same tensor as {unit}.{pname} "
+                    f"(stage {stage}): tied weights across stages are not supported yet. Untie them "
+                    "(e.g. give the LM head its own weight) or choose split_points that keep both on "
+                    "one stage")

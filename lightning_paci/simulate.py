@@ -1,0 +1,371 @@
+"""Time the schedules' plans under an explicit cost model: bubble, utilization, drift, memory.
+
+The simulator reads the very plans the runtime executes (``schedules.PlanSpec``), so what it
+reports is a property of the schedule, not of a second implementation of it. Semantics:
+
+- a stage runs its plan's actions in order, one at a time;
+- F(j) on stage i>0 starts no earlier than F(j) ended on stage i-1 plus ``transfer``; B(j) on
+  stage i<N-1 no earlier than B(j) ended on stage i+1 plus ``transfer``; sends never block;
+- F, B and S on stage i last ``forward[i]``, ``backward[i]`` and ``step[i]``.
+
+Each action starts at the later of "its stage is free" and "its input has arrived", so the
+timeline is the earliest-start schedule of the plan's dependency graph; nothing else is modelled.
+
+Metrics. ``utilization`` of a stage is busy time / makespan of the *whole run*, warm-up and drain
+included; ``bubble`` = 1 - utilization. ``steady_*`` values measure the same over a middle window
+of batches instead, from the end of stage 0's last backward of batch k0 to that of batch k1
+(k0 = n/4, k1 = n-1-n/4, k1 also before the drain reaches stage 0), so that the warm-up and drain
+edges of a long run do not dominate. Flush schedules repeat exactly once per batch, so their steady
+values are per-batch values: bubble (N-1)/(m+N-1) with equal costs. PACI's steady bubble is 0.
+
+Fidelity limits: no contention (compute and communication never slow each other down, a stage has
+unlimited send/receive buffers); transfer is one fixed latency for every hop and direction, with
+no bandwidth or message-size term; costs are constant per stage (no variance, no warm-up, no
+dependence on weight version); no memory model beyond counting in-flight micro-batches; no
+collective communication, data loading, validation or checkpoint time.
+
+Measured costs (``--costs``): a JSON list with one dict per stage holding mean seconds,
+``[{"forward_s": 0.012, "backward_s": 0.025, "step_s": 0.003}, ...]``, or an object
+``{"stages": [...], "transfer_s": 0.0004}``. These keys are required per stage (a misspelt key
+fails); other keys, such as the runtime telemetry's counters, are ignored.
+
+Reproduce the paper's bubble model (N=8)::
+
+    python -m lightning_paci.simulate --stages 8 --micro-batches 4,8,16,24,32,40 --backward 1
+    python -m lightning_paci.simulate --stages 4 --micro-batches 4 --gantt gantt.png --trace trace.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning_paci.plan import BACKWARD, FORWARD, STEP, Plan, drift_histogram, max_drift, peak_in_flight
+from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
+from lightning_paci.timeline import TimelineEvent, plot_gantt, write_chrome_trace
+
+BASELINE = "1f1b"  # throughput is reported relative to 1F1B-flush, as the paper does
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds (or any unit) per forward, backward and optimizer step on each stage, plus one hop."""
+
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    step: tuple[float, ...]
+    transfer: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("forward", "backward", "step"):
+            values = tuple(float(v) for v in getattr(self, name))
+            object.__setattr__(self, name, values)  # accept lists, store hashable tuples
+            if any(v < 0 for v in values):
+                raise ValueError(f"{name} costs must be >= 0, got {values}")
+        if not len(self.forward) == len(self.backward) == len(self.step) >= 1:
+            raise ValueError(f"need one forward, backward and step cost per stage, got "
+                             f"{len(self.forward)}, {len(self.backward)} and {len(self.step)}")
+        if self.transfer < 0:
+            raise ValueError(f"transfer must be >= 0, got {self.transfer}")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.forward)
+
+    @classmethod
+    def uniform(cls, n_stages: int, forward: float = 1.0, backward: float = 2.0, step: float = 0.0,
+                transfer: float = 0.0) -> CostModel:
+        """Every stage alike; backward defaults to 2x forward, the usual ratio for matmul layers."""
+        return cls((forward,) * n_stages, (backward,) * n_stages, (step,) * n_stages, transfer)
+
+    @classmethod
+    def from_json(cls, data: object) -> CostModel:
+        """Costs from telemetry JSON (format in the module docstring)."""
+        transfer = 0.0
+        if isinstance(data, dict):
+            if "stages" not in data:
+                raise ValueError(f"cost JSON object needs a 'stages' list, got keys {sorted(data)}")
+            data, transfer = data["stages"], float(data.get("transfer_s", 0.0))
+        if not isinstance(data, list) or not data:
+            raise ValueError("cost JSON must be a non-empty list of per-stage dicts")
+        columns = {}
+        for key in ("forward_s", "backward_s", "step_s"):
+            missing = [i for i, row in enumerate(data) if key not in row]
+            if missing:
+                raise ValueError(f"cost JSON: stages {missing} lack {key!r} (need forward_s, "
+                                 f"backward_s and step_s per stage)")
+            columns[key] = [float(row[key]) for row in data]
+        return cls(columns["forward_s"], columns["backward_s"], columns["step_s"], transfer)
+
+
+def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False) -> tuple[TimelineEvent, ...]:
+    """Earliest-start timeline of ``plan``; ``record_waits`` adds "recv" events for idle gaps.
+
+    Stages are swept repeatedly, each advancing while its next action's input has ended; every
+    action's start is then final because it depends only on already-timed actions.
+    """
+    n = plan.n_stages
+    if costs.n_stages != n:
+        raise ValueError(f"cost model has {costs.n_stages} stages, plan has {n}")
+    duration = {FORWARD: costs.forward, BACKWARD: costs.backward, STEP: costs.step}
+    cursor, clock = [0] * n, [0.0] * n
+    ended: list[dict] = [{} for _ in range(n)]
+    events: list[TimelineEvent] = []
+    progress = True
+    while progress:
+        progress = False
+        for i, actions in enumerate(plan.stages):
+            while cursor[i] < len(actions):
+                action = actions[cursor[i]]
+                source = {FORWARD: i - 1, BACKWARD: i + 1}.get(action.kind, -1)
+                start = clock[i]
+                if 0 <= source < n:
+                    if action not in ended[source]:
+                        break
+                    start = max(start, ended[source][action] + costs.transfer)
+                if record_waits and start > clock[i]:
+                    events.append(TimelineEvent(i, "recv", clock[i], start))
+                clock[i] = ended[i][action] = start + duration[action.kind][i]
+                events.append(TimelineEvent(i, str(action), start, clock[i]))
+                cursor[i] += 1
+                progress = True
+    stuck = [i for i in range(n) if cursor[i] < len(plan.stages[i])]
+    if stuck:
+        raise ValueError(f"plan deadlocks at stage {stuck[0]}\n" + plan.grid(mark=(stuck[0], cursor[stuck[0]])))
+    return tuple(events)
+
+
+def steady_batches(n_batches: int, micro_batches: int, n_stages: int) -> tuple[int, int] | None:
+    """Batches (k0, k1) bounding the steady window, or None when the run is too short for one.
+
+    k1 also keeps the window before stage 0's drain: stage 0 stops forwarding N-1 micro-batches
+    before its last backward.
+    """
+    k0 = n_batches // 4
+    k1 = min(n_batches - 1 - n_batches // 4, (n_batches * micro_batches - n_stages + 1) // micro_batches - 1)
+    return (k0, k1) if k1 > k0 else None
+
+
+def default_batches(n_stages: int, micro_batches: int) -> int:
+    """Enough batches that the steady window holds >= 4N micro-batches well clear of the edges."""
+    return max(8, math.ceil(8 * n_stages / micro_batches))
+
+
+@dataclass(frozen=True)
+class StageReport:
+    stage: int
+    busy: float
+    utilization: float  # busy / makespan, whole run
+    steady_utilization: float | None  # busy / window length over the steady window
+    peak_in_flight: int
+    max_drift: int
+    drift_histogram: dict[int, int]
+    steps: int
+
+    @property
+    def bubble(self) -> float:
+        return 1.0 - self.utilization
+
+    @property
+    def steady_bubble(self) -> float | None:
+        return None if self.steady_utilization is None else 1.0 - self.steady_utilization
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """One simulated plan: whole-run and steady-window measures, per stage, and the timeline."""
+
+    plan: Plan
+    costs: CostModel
+    events: tuple[TimelineEvent, ...]
+    makespan: float
+    throughput: float  # micro-batches per time unit over the whole run
+    window: tuple[float, float] | None  # steady window (start, end) in time
+    window_batches: tuple[int, int] | None
+    steady_throughput: float | None
+    stages: tuple[StageReport, ...]
+
+    @property
+    def name(self) -> str:
+        return STRATEGY_NAMES[self.plan.schedule]
+
+    def utilization(self, steady: bool = True) -> float:
+        """Mean stage utilization, over the steady window when asked and available."""
+        if steady and self.window is not None:
+            return sum(s.steady_utilization for s in self.stages) / len(self.stages)
+        return sum(s.utilization for s in self.stages) / len(self.stages)
+
+    def bubble(self, steady: bool = True) -> float:
+        return 1.0 - self.utilization(steady)
+
+    def rate(self, steady: bool = True) -> float:
+        return self.steady_throughput if steady and self.window is not None else self.throughput
+
+
+def simulate(plan: Plan, costs: CostModel, record_waits: bool = False) -> SimResult:
+    """Time ``plan`` under ``costs`` and measure it (definitions in the module docstring)."""
+    events = run_plan(plan, costs, record_waits)
+    work = [e for e in events if e.category != "wait"]
+    makespan = max((e.end for e in work), default=0.0)
+    n_micro = plan.n_batches * plan.micro_batches
+    window_batches = steady_batches(plan.n_batches, plan.micro_batches, plan.n_stages)
+    window = None
+    if window_batches is not None:
+        ends = {e.action: e.end for e in work if e.stage == 0}
+        t0, t1 = (ends[f"B{(k + 1) * plan.micro_batches - 1}"] for k in window_batches)
+        window = (t0, t1)
+    stages = []
+    for i, actions in enumerate(plan.stages):
+        mine = [e for e in work if e.stage == i]
+        busy = sum(e.duration for e in mine)
+        steady = None
+        if window is not None:
+            overlap = sum(max(0.0, min(e.end, window[1]) - max(e.start, window[0])) for e in mine)
+            steady = overlap / (window[1] - window[0])
+        stages.append(StageReport(i, busy, busy / makespan if makespan else 0.0, steady,
+                                  peak_in_flight(actions), max_drift(actions), drift_histogram(actions),
+                                  sum(a.kind == STEP for a in actions)))
+    steady_rate = None
+    if window is not None:
+        steady_rate = (window_batches[1] - window_batches[0]) * plan.micro_batches / (window[1] - window[0])
+    return SimResult(plan, costs, events, makespan, n_micro / makespan if makespan else 0.0, window,
+                     window_batches, steady_rate, tuple(stages))
+
+
+def plan_name(name: str) -> str:
+    """Plan name (paci, 1f1b, gpipe) for a plan or Lightning strategy name (pipe_1f1b, ...)."""
+    by_strategy = {v: k for k, v in STRATEGY_NAMES.items()}
+    return check_schedule(by_strategy.get(name, name))
+
+
+def simulate_schedule(schedule: str, costs: CostModel, micro_batches: int, accumulation: int | None = None,
+                      n_batches: int | None = None, record_waits: bool = False) -> SimResult:
+    """Build the plan for ``schedule`` (either name form) and simulate it; defaults as the CLI's."""
+    n = costs.n_stages
+    spec = PlanSpec(plan_name(schedule), n, micro_batches, accumulation or micro_batches)
+    return simulate(spec.plan(n_batches or default_batches(n, micro_batches)), costs, record_waits)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _per_stage(text: str, n_stages: int, flag: str) -> tuple[float, ...]:
+    values = _floats(text)
+    if len(values) == 1:
+        return tuple(values) * n_stages
+    if len(values) != n_stages:
+        raise SystemExit(f"{flag} takes one value or {n_stages} (one per stage), got {len(values)}")
+    return tuple(values)
+
+
+def _costs_from_args(args: argparse.Namespace) -> CostModel:
+    explicit = [f"--{k}" for k in ("forward", "backward", "step") if getattr(args, k) is not None]
+    if args.costs:
+        if explicit:
+            raise SystemExit(f"--costs gives every stage's costs; drop {', '.join(explicit)}")
+        costs = CostModel.from_json(json.loads(Path(args.costs).read_text()))
+        if args.stages not in (None, costs.n_stages):
+            raise SystemExit(f"--stages {args.stages} but {args.costs} has {costs.n_stages} stages")
+        if args.transfer is not None:
+            costs = CostModel(costs.forward, costs.backward, costs.step, float(args.transfer))
+        return costs
+    if args.stages is None:
+        raise SystemExit("give --stages N (or --costs telemetry.json)")
+    n = args.stages
+    return CostModel(_per_stage(args.forward or "1.0", n, "--forward"),
+                     _per_stage(args.backward or "2.0", n, "--backward"),
+                     _per_stage(args.step or "0.0", n, "--step"), float(args.transfer or 0.0))
+
+
+def _fmt_costs(values: tuple[float, ...]) -> str:
+    return f"{values[0]:g}" if len(set(values)) == 1 else ",".join(f"{v:g}" for v in values)
+
+
+def _where(r: SimResult) -> str:
+    if r.window_batches is None:
+        return "whole run (too few batches for a steady window)"
+    return f"steady window, batches {r.window_batches[0]}..{r.window_batches[1]} of {r.plan.n_batches}"
+
+
+def summary(rows: Sequence[tuple[SimResult, SimResult]]) -> str:
+    """One line per (result, its pipe_1f1b baseline): throughput, ratio, closed form, bubble."""
+    costs = rows[0][0].costs
+    lines = [f"forward {_fmt_costs(costs.forward)}, backward {_fmt_costs(costs.backward)}, step "
+             f"{_fmt_costs(costs.step)}, transfer {costs.transfer:g}; model = (m+N-1)/m, the paper's "
+             f"paci / pipe_1f1b throughput ratio",
+             f"{'schedule':<11} {'N':>3} {'m':>4} {'a':>4} {'throughput':>10} {'vs pipe_1f1b':>12} "
+             f"{'model':>7} {'bubble':>7} {'util':>6}  measured over"]
+    for r, base in rows:
+        n, m = r.plan.n_stages, r.plan.micro_batches
+        lines.append(f"{r.name:<11} {n:>3} {m:>4} {r.plan.accumulation:>4} {r.rate():>10.4g} "
+                     f"{r.rate() / base.rate():>12.4f} {(m + n - 1) / m:>7.4f} {r.bubble():>7.4f} "
+                     f"{r.utilization():>6.4f}  {_where(r)}")
+    return "\n".join(lines)
+
+
+def stage_table(r: SimResult) -> str:
+    """Per-stage rows; util and bubble over the steady window when there is one."""
+    steady = r.window is not None
+    lines = [f"{r.name}: per stage, util/bubble over the {_where(r)}; 'whole' = whole-run util",
+             f"{'stage':>5} {'busy':>9} {'util':>6} {'bubble':>7} {'whole':>6} {'peak_in_flight':>14} "
+             f"{'max_drift':>9} {'steps':>5}  drift histogram (drift:micro-batches)"]
+    for s in r.stages:
+        util = s.steady_utilization if steady else s.utilization
+        hist = " ".join(f"{d}:{c}" for d, c in s.drift_histogram.items())
+        lines.append(f"{s.stage:>5} {s.busy:>9.4g} {util:>6.3f} {1 - util:>7.3f} {s.utilization:>6.3f} "
+                     f"{s.peak_in_flight:>14} {s.max_drift:>9} {s.steps:>5}  {hist}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lightning_paci.simulate", description=__doc__.split("\n")[0])
+    parser.add_argument("--stages", type=int, help="number of pipeline stages N")
+    parser.add_argument("--micro-batches", default="8",
+                        help="m per global batch; a comma list prints one summary per m")
+    parser.add_argument("--schedules", default="paci,pipe_1f1b,pipe_gpipe",
+                        help="comma list of strategy (pipe_1f1b) or plan (1f1b) names")
+    parser.add_argument("--accumulation", type=int, help="backwards per optimizer step (default m)")
+    parser.add_argument("--batches", type=int, help="global batches simulated (default max(8, 8N/m))")
+    for flag, default in (("forward", 1.0), ("backward", 2.0), ("step", 0.0)):
+        parser.add_argument(f"--{flag}", help=f"{flag} cost, one value or a comma list per stage "
+                                              f"(default {default})")
+    parser.add_argument("--transfer", type=float, help="latency of one stage-to-stage hop (default 0)")
+    parser.add_argument("--costs", help="JSON of measured per-stage costs (see module docstring)")
+    parser.add_argument("--gantt", help="write a Gantt chart PNG of --gantt-batches batches")
+    parser.add_argument("--gantt-batches", type=int, default=2, help="batches drawn in the Gantt chart")
+    parser.add_argument("--trace", help="write a Chrome/Perfetto trace JSON of the full run")
+    parser.add_argument("--waits", action="store_true", help="include idle waits in Gantt and trace")
+    args = parser.parse_args(argv)
+    costs = _costs_from_args(args)
+    try:
+        names = [plan_name(s.strip()) for s in args.schedules.split(",") if s.strip()]
+    except ValueError as err:
+        raise SystemExit(f"{err} (or strategy names {', '.join(STRATEGY_NAMES.values())})") from err
+    rows, micro_batches = [], [int(v) for v in args.micro_batches.split(",")]
+    for m in micro_batches:
+        kwargs = dict(micro_batches=m, accumulation=args.accumulation, n_batches=args.batches,
+                      record_waits=args.waits)
+        results = [simulate_schedule(s, costs, **kwargs) for s in names]
+        baseline = next((r for r in results if r.plan.schedule == BASELINE), None)
+        baseline = baseline or simulate_schedule(BASELINE, costs, **kwargs)
+        rows += [(r, baseline) for r in results]
+    print(summary(rows))
+    if len(micro_batches) == 1:  # per-stage detail only reads well for one m
+        for r in results:
+            print("\n" + stage_table(r))
+    # Drawings use the last m given: one chart per schedule is what a reader compares.
+    if args.trace:
+        print(f"trace: {write_chrome_trace({r.name: r.events for r in results}, args.trace)}")
+    if args.gantt:
+        kwargs["n_batches"] = args.gantt_batches
+        short = {r.name: simulate_schedule(r.plan.schedule, costs, **kwargs).events for r in results}
+        print(f"gantt: {plot_gantt(short, args.gantt)}")
+
+
+if __name__ == "__main__":
+    main()

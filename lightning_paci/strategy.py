@@ -1,0 +1,452 @@
+"""``PACIStrategy``: a Lightning strategy that trains an ordinary LightningModule as a pipeline.
+
+One process per stage. Global rank 0 runs the *last* stage, so the loss, every ``self.log`` value,
+the progress bar and the TensorBoard writer live on the process Lightning already logs from.
+Stage ``i`` runs on global rank ``N - 1 - i``.
+
+Per global batch Lightning calls ``training_step`` once; the strategy runs this stage's actions
+for the batch (runtime.py) and ``optimizer_step`` only evaluates the closure, because each stage
+steps its own optimizer where the plan says. Drains happen before validation/test, at checkpoints
+and at the end of fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import (
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+)
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_paci.hollow import StageView
+from lightning_paci.p2p import StageLink
+from lightning_paci.partition import PARTITIONS, Partition, partition_model
+from lightning_paci.plan import drift_bound
+from lightning_paci.runtime import StageRuntime
+from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
+
+START_METHODS = ("popen", "spawn", "fork", "forkserver")
+
+
+class PACIStrategy(ParallelStrategy):
+    """Pipeline-parallel training with the PACI, 1F1B-flush or GPipe schedule; one process per stage.
+
+    Args:
+        schedule: ``"paci"`` (asynchronous, no flush, bounded drift), ``"1f1b"`` (1F1B-flush) or
+            ``"gpipe"``.
+        micro_batches: micro-batches per global batch (the DataLoader's batch); the batch size must
+            be divisible by it. Each stage steps after ``micro_batches * accumulate_grad_batches``
+            backwards.
+        stages: number of stages; defaults to the number of devices, which it must equal.
+        split_points: names of the modules where stages 1..N-1 begin, in execution order (see
+            ``lightning_paci.partition``); default: an automatic split.
+        partition: automatic split balanced by ``"parameters"`` (default) or ``"uniform"`` over blocks.
+        max_drift: fail at setup if the schedule's drift bound ``ceil((N-1)/a)`` exceeds it.
+        start_method: ``"popen"`` re-runs the script per rank (like ``ddp``); ``"spawn"``/``"fork"``/
+            ``"forkserver"`` start workers with multiprocessing (no re-execution, needs picklable
+            objects; use it under Hydra multirun). Ignored under torchrun/SLURM.
+        timeout_s: every wait on another stage gives up after this many seconds.
+        num_threads: torch threads per stage process on CPU; default: cores / local stages.
+        record_timeline: keep a per-action timeline (``stage_timeline``) for traces and Gantt charts.
+        process_group_backend: override ``gloo`` (CPU) / ``nccl`` (CUDA).
+    """
+
+    strategy_name = "paci"
+
+    def __init__(
+        self,
+        schedule: Literal["paci", "1f1b", "gpipe"] = "paci",
+        micro_batches: int = 4,
+        stages: int | None = None,
+        split_points: list[str] | None = None,
+        partition: Literal["parameters", "uniform"] = "parameters",
+        max_drift: int | None = None,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        timeout_s: float = 600.0,
+        num_threads: int | None = None,
+        record_timeline: bool = False,
+        process_group_backend: str | None = None,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+    ) -> None:
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin)
+        check_schedule(schedule)
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+        if stages is not None and stages < 1:
+            raise ValueError(f"stages must be >= 1, got {stages}")
+        if partition not in PARTITIONS:
+            raise ValueError(f"partition={partition!r} is not supported: choose one of {PARTITIONS}")
+        if max_drift is not None and max_drift < 0:
+            raise ValueError(f"max_drift must be >= 0, got {max_drift}")
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method={start_method!r}: choose one of {START_METHODS}")
+        self.schedule, self.micro_batches, self.stages = schedule, micro_batches, stages
+        self.split_points = list(split_points) if split_points is not None else None
+        self.partition_mode, self.max_drift = partition, max_drift
+        self._start_method, self._timeout = start_method, timedelta(seconds=timeout_s)
+        self._num_threads, self._record_timeline = num_threads, record_timeline
+        self._process_group_backend = process_group_backend
+        self._num_nodes = 1
+        self.partition: Partition | None = None
+        self.runtime: StageRuntime | None = None
+        self.telemetry: list[dict[str, Any]] | None = None
+        self.stage_timeline: list | None = None
+
+    # -- sizes and placement -----------------------------------------------------------------------------
+    @property
+    def n_stages(self) -> int:
+        return self.stages or self.num_processes * self.num_nodes
+
+    @property
+    def stage(self) -> int:
+        return self.world_size - 1 - self.global_rank
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:  # set by Lightning's connector from Trainer(num_nodes)
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every stage must read the same batches in the same order: one data-parallel replica.
+        return {"num_replicas": 1, "rank": 0}
+
+    @property
+    def accumulation(self) -> int:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        return self.micro_batches * (trainer.accumulate_grad_batches if trainer is not None else 1)
+
+    # -- before any process starts -----------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _CheckedScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _CheckedMultiprocessingLauncher(self, start_method=self._start_method)
+        self._launcher.check = self._check_before_launch
+
+    def _check_before_launch(self, trainer: Trainer) -> None:
+        """Every mistake that can be seen from the main process fails here, before ranks start."""
+        devices = self.num_processes * self.num_nodes
+        if self.stages is not None and self.stages != devices:
+            raise ValueError(f"PACIStrategy(stages={self.stages}) needs one process per stage, but the "
+                             f"Trainer has {devices} devices: set devices={self.stages} (data-parallel "
+                             "replicas of a pipeline are not supported yet)")
+        module = trainer.lightning_module
+        if module is None:
+            return
+        self._check_module(module, trainer)
+        self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+
+    def _check_module(self, module: LightningModule, trainer: Trainer) -> None:
+        if not module.automatic_optimization:
+            raise ValueError("PACIStrategy runs forward, backward and each stage's optimizer step itself; "
+                             "it needs automatic_optimization=True (remove `self.automatic_optimization = "
+                             "False` and the manual_backward/optimizer.step calls from training_step)")
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value":
+            raise ValueError("gradient_clip_val with clipping by norm needs the global gradient norm, a "
+                             "sync across stages PACI avoids (PACI.md limits); use "
+                             "gradient_clip_algorithm='value' or drop gradient_clip_val")
+        if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
+            raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
+                             "stages; use precision='bf16-mixed' (or 32)")
+        accumulation = self.micro_batches * trainer.accumulate_grad_batches
+        if self.schedule == "paci" and self.max_drift is not None:
+            bound = drift_bound(0, self.n_stages, accumulation)
+            if bound > self.max_drift:
+                if self.max_drift == 0:
+                    raise ValueError(f"max_drift=0 rules out the asynchronous schedule with {self.n_stages} "
+                                     "stages; use schedule='1f1b' (pipe_1f1b) for zero drift")
+                need = math.ceil((self.n_stages - 1) / (self.max_drift * trainer.accumulate_grad_batches))
+                raise ValueError(f"PACI with {self.n_stages} stages and accumulation {accumulation} drifts "
+                                 f"up to {bound} updates > max_drift={self.max_drift}: use micro_batches>={need}")
+
+    # -- inside each process -----------------------------------------------------------------------------
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(self._num_threads or max(1, (os.cpu_count() or 1) // max(self.num_processes, 1)))
+        elif self._num_threads:
+            torch.set_num_threads(self._num_threads)
+        self.set_world_ranks()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if self.world_size != self.n_stages:
+            raise ValueError(f"{self.n_stages} stages need {self.n_stages} processes, found world size "
+                             f"{self.world_size}")
+        self._check_module(module, trainer)
+        self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        if self.global_rank == 0:
+            print(f"lightning_paci: {self.schedule} over {self.n_stages} stages, "
+                  f"{self.micro_batches} micro-batches per batch\n{self.partition.table()}", flush=True)
+        self.model = self.precision_plugin.convert_module(module)
+        units = dict(zip(self.partition.units, self.partition.stage_of))
+        self._view = StageView(module, units, self.stage, self.n_stages)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        self._build_runtime(trainer)
+        trainer.callbacks.insert(0, _PipelineSync(self))
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        for p in self.model.parameters():
+            if not p.is_meta:
+                p.data = p.data.to(self.root_device)
+        for name, buf in self.model.named_buffers():
+            if not buf.is_meta:
+                owner, _, attr = name.rpartition(".")
+                self.model.get_submodule(owner)._buffers[attr] = buf.to(self.root_device)
+
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        super().setup_optimizers(trainer)
+        if len(self.optimizers) != 1:
+            raise ValueError(f"configure_optimizers returned {len(self.optimizers)} optimizers; a pipeline "
+                             "stage steps exactly one (put all parameters in one optimizer, with param "
+                             "groups if they need different settings)")
+        for config in self.lr_scheduler_configs:
+            if config.interval != "step" or config.reduce_on_plateau:
+                raise ValueError("LR schedulers must use interval='step' (each stage steps its scheduler "
+                                 "with its own optimizer); got interval="
+                                 f"{config.interval!r}{' with ReduceLROnPlateau' if config.reduce_on_plateau else ''}")
+        # Each stage steps its own schedulers where the plan says; Lightning must not step them too.
+        self._schedulers, self.lr_scheduler_configs = self.lr_scheduler_configs, []
+        self._aliases = _alias_parameters(self.optimizers[0])
+
+    def _build_runtime(self, trainer: Trainer) -> None:
+        rank = self.global_rank
+        link = StageLink(self.stage, prev_rank=rank + 1 if self.stage > 0 else None,
+                         next_rank=rank - 1 if self.stage < self.n_stages - 1 else None,
+                         device=self.root_device)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
+        self.runtime = StageRuntime(
+            self.lightning_module, self._view, spec, link,
+            optimizer=self.optimizers[0] if fitting else None,
+            aliases=self._aliases if fitting else [], schedulers=self._schedulers if fitting else [],
+            device=self.root_device, forward_context=self.precision_plugin.forward_context,
+            clip_value=trainer.gradient_clip_val if trainer.gradient_clip_val else None,
+            record_timeline=self._record_timeline)
+
+    # -- the training loop -------------------------------------------------------------------------------
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.runtime is not None
+        batch, batch_idx = args[0], args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
+        with self.precision_plugin.train_step_context():
+            return self.runtime.train_batch(batch, batch_idx)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.val_step_context():
+            return self.runtime.eval_batch("validation_step", *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.test_step_context():
+            return self.runtime.eval_batch("test_step", *args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        return closure_loss  # the runtime already ran every backward of the batch
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        return closure()  # stages step inside the runtime, after every a-th backward (the plan's S)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.drain()
+
+    @override
+    def on_test_start(self) -> None:
+        self.drain()
+
+    @override
+    def on_train_end(self) -> None:
+        self.drain()
+        self.publish_telemetry()
+
+    def drain(self) -> None:
+        if self.runtime is not None:
+            self.runtime.drain()
+
+    def publish_telemetry(self) -> None:
+        """Gather every stage's telemetry on rank 0 (a drain point: no bubble to cost) and log it."""
+        assert self.runtime is not None
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, self.runtime.telemetry())
+        if self.global_rank != 0:
+            return
+        self.telemetry = sorted(gathered, key=lambda t: t["stage"])
+        self.stage_timeline = self.runtime.timeline
+        trainer = self.lightning_module.trainer
+        for logger in trainer.loggers:
+            logger.log_metrics(_flat_telemetry(self.telemetry), step=trainer.global_step)
+
+    def sync_metrics(self) -> None:
+        """Copy the last stage's callback metrics to every stage (for ModelCheckpoint/EarlyStopping)."""
+        trainer = self.lightning_module.trainer
+        metrics = {k: v.item() for k, v in trainer.callback_metrics.items()
+                   if isinstance(v, Tensor) and v.numel() == 1} if self.global_rank == 0 else None
+        metrics = self.broadcast(metrics, src=0)
+        if self.global_rank != 0:
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    # -- collectives ---------------------------------------------------------------------------------------
+    @override
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        # Values logged with sync_dist come from one data-parallel replica: nothing to reduce, and
+        # a collective here would stall the other stages mid-pipeline.
+        return tensor
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        flag = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        return bool(flag == self.world_size) if all else bool(flag)
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not (dist.is_available() and dist.is_initialized()):
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    # -- state ---------------------------------------------------------------------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This stage's own tensors under the user's names; the stages' dicts together are the model."""
+        self.drain()
+        assert self.lightning_module is not None
+        return {k: v for k, v in self.lightning_module.state_dict().items() if not v.is_meta}
+
+    @override
+    def teardown(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        if self.accelerator is not None:
+            self.accelerator.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for schedule, name in STRATEGY_NAMES.items():
+            strategy_registry.register(name, cls, description=f"pipeline parallel, {schedule} schedule",
+                                       schedule=schedule)
+
+
+def _alias_parameters(optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """Point the optimizer at ``nn.Parameter(p.data)`` aliases of this stage's own parameters.
+
+    Hollow (meta) parameters of other stages are dropped from the param groups; empty groups stay so
+    that LR schedulers see the groups they were built for.
+    """
+    pairs = []
+    for group in optimizer.param_groups:
+        owned = [p for p in group["params"] if not p.is_meta]
+        aliases = [nn.Parameter(p.data, requires_grad=p.requires_grad) for p in owned]
+        pairs += list(zip(owned, aliases))
+        group["params"] = aliases
+    return pairs
+
+
+def _flat_telemetry(telemetry: list[dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for t in telemetry:
+        for key, value in t.items():
+            if isinstance(value, (int, float)) and key != "stage":
+                out[f"pipeline/stage{t['stage']}/{key}"] = float(value)
+        for drift, count in t["drift_histogram"].items():
+            out[f"pipeline/stage{t['stage']}/drift_{drift}"] = float(count)
+    return out
+
+
+class _PipelineSync(Callback):
+    """Runs first among callbacks: makes the last stage's metrics visible on every stage."""
+
+    def __init__(self, strategy: PACIStrategy) -> None:
+        self.strategy = strategy
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.strategy.sync_metrics()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy.sync_metrics()
+
+
+class _ChecksBeforeLaunch:
+    check: Callable[[Trainer], None]
+
+    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        if trainer is not None:
+            self.check(trainer)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+class _CheckedScriptLauncher(_ChecksBeforeLaunch, _SubprocessScriptLauncher):
+    pass
+
+
+class _CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLauncher):
+    pass

@@ -1,0 +1,95 @@
+"""Small models and data for the tests: a nanoGPT-shaped LightningModule written as for one device."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int = 32, d: int = 16, n_layers: int = 4, block: int = 8) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, d), wpe=nn.Embedding(block, d), drop=nn.Dropout(0.0),
+            h=nn.ModuleList([Block(d) for _ in range(n_layers)]), ln_f=nn.LayerNorm(d)))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.size(1)
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+
+
+class LitTiny(LightningModule):
+    """What a user writes for one device; nothing here knows about pipelines."""
+
+    def __init__(self, n_layers: int = 4, lr: float = 1e-2, dtype: torch.dtype = torch.float32,
+                 batch_format: str = "tuple", sched: bool = False) -> None:
+        super().__init__()
+        self.model = TinyGPT(n_layers=n_layers).to(dtype)
+        self.lr, self.batch_format, self.sched = lr, batch_format, sched
+
+    def _xy(self, batch):
+        if self.batch_format == "dict":
+            return batch["x"], batch["y"]
+        return batch
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._xy(batch)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        self.log("train_loss", loss, prog_bar=True)
+        return {"loss": loss} if self.batch_format == "dict" else loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = self._xy(batch)
+        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+        self.log("val_loss", loss)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
+        if not self.sched:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def token_data(n: int = 64, block: int = 8, vocab: int = 32, seed: int = 0, dtype=torch.long):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, vocab, (n, block + 1), generator=g)
+    # A learnable rule: the next token is (token + 1) mod vocab half of the time.
+    seq[:, 1:] = torch.where(torch.rand(n, block, generator=g) < 0.8, (seq[:, :-1] + 1) % vocab, seq[:, 1:])
+    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+
+class DictData(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def loader(batch_size: int = 8, n: int = 64, batch_format: str = "tuple", seed: int = 0) -> DataLoader:
+    x, y = token_data(n, seed=seed)
+    data = DictData(x, y) if batch_format == "dict" else TensorDataset(x, y)
+    return DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)
