@@ -18,20 +18,30 @@ of batches instead, from the end of stage 0's last backward of batch k0 to that 
 edges of a long run do not dominate. Flush schedules repeat exactly once per batch, so their steady
 values are per-batch values: bubble (N-1)/(m+N-1) with equal costs. PACI's steady bubble is 0.
 
-Fidelity limits: no contention (compute and communication never slow each other down, a stage has
-unlimited send/receive buffers); transfer is one fixed latency for every hop and direction, with
-no bandwidth or message-size term; costs are constant per stage (no variance, no warm-up, no
-dependence on weight version); no memory model beyond counting in-flight micro-batches; no
-collective communication, data loading, validation or checkpoint time.
+Fidelity limits: no contention (compute and communication overlap for free and never slow each other
+down; a stage has unlimited send/receive buffers); transfer is one fixed latency for every hop and
+direction, with no bandwidth or message-size term; costs are constant per stage (no variance, no
+warm-up, no dependence on weight version); no memory model beyond counting in-flight micro-batches;
+no collective communication, data loading, validation or checkpoint time.
 
 Measured costs (``--costs``): a JSON list with one dict per stage holding mean seconds,
 ``[{"forward_s": 0.012, "backward_s": 0.025, "step_s": 0.003}, ...]``, or an object
 ``{"stages": [...], "transfer_s": 0.0004}``. These keys are required per stage (a misspelt key
 fails); other keys, such as the runtime telemetry's counters, are ignored.
 
-Reproduce the paper's bubble model (N=8)::
+``throughput`` is micro-batches per time unit over the whole run, ``steady_throughput`` over the
+window; ratios between schedules use the steady value when the run has a window.
 
-    python -m lightning_paci.simulate --stages 8 --micro-batches 4,8,16,24,32,40 --backward 1
+The paper's bubble model, paci / 1f1b-flush throughput = (m+N-1)/m, comes out exactly whenever all
+stages cost the same and step and transfer are free, whatever backward/forward ratio (1, 2 and 3 are
+tested): the flush pays (N-1)(f+b) per batch, PACI's steady state none. It is only approximate
+otherwise: step time counts as work for both (N=8, m=8, b=2f, step 0.5f: 1.857 vs 1.875); a hop
+latency t leaves PACI a steady bubble too, as N-i in flight cannot hide the round trip (t=0.1f:
+5.5% bubble, ratio 1.874); and an uneven split makes the slowest stage set the pace of both.
+
+Reproduce the model for N=8, and draw a small case::
+
+    python -m lightning_paci.simulate --stages 8 --micro-batches 4,8,16,24,32,40 --backward 2
     python -m lightning_paci.simulate --stages 4 --micro-batches 4 --gantt gantt.png --trace trace.json
 """
 
@@ -157,6 +167,8 @@ def default_batches(n_stages: int, micro_batches: int) -> int:
 
 @dataclass(frozen=True)
 class StageReport:
+    """One stage's measures; ``busy`` and ``utilization`` cover the whole run."""
+
     stage: int
     busy: float
     utilization: float  # busy / makespan, whole run
@@ -217,7 +229,8 @@ def simulate(plan: Plan, costs: CostModel, record_waits: bool = False) -> SimRes
     if window_batches is not None:
         ends = {e.action: e.end for e in work if e.stage == 0}
         t0, t1 = (ends[f"B{(k + 1) * plan.micro_batches - 1}"] for k in window_batches)
-        window = (t0, t1)
+        window = (t0, t1) if t1 > t0 else None  # free backwards would leave nothing to measure
+        window_batches = window_batches if window else None
     stages = []
     for i, actions in enumerate(plan.stages):
         mine = [e for e in work if e.stage == i]
@@ -295,15 +308,15 @@ def _where(r: SimResult) -> str:
 def summary(rows: Sequence[tuple[SimResult, SimResult]]) -> str:
     """One line per (result, its pipe_1f1b baseline): throughput, ratio, closed form, bubble."""
     costs = rows[0][0].costs
-    lines = [f"forward {_fmt_costs(costs.forward)}, backward {_fmt_costs(costs.backward)}, step "
-             f"{_fmt_costs(costs.step)}, transfer {costs.transfer:g}; model = (m+N-1)/m, the paper's "
-             f"paci / pipe_1f1b throughput ratio",
-             f"{'schedule':<11} {'N':>3} {'m':>4} {'a':>4} {'throughput':>10} {'vs pipe_1f1b':>12} "
-             f"{'model':>7} {'bubble':>7} {'util':>6}  measured over"]
+    lines = [(f"forward {_fmt_costs(costs.forward)}, backward {_fmt_costs(costs.backward)}, step "
+              f"{_fmt_costs(costs.step)}, transfer {costs.transfer:g}; model = (m+N-1)/m, the paper's "
+              f"paci / pipe_1f1b throughput ratio"),
+             (f"{'schedule':<11} {'N':>3} {'m':>4} {'a':>4} {'throughput':>10} {'vs pipe_1f1b':>12} "
+              f"{'model':>7} {'bubble':>7} {'util':>6}  measured over")]
     for r, base in rows:
         n, m = r.plan.n_stages, r.plan.micro_batches
         lines.append(f"{r.name:<11} {n:>3} {m:>4} {r.plan.accumulation:>4} {r.rate():>10.4g} "
-                     f"{r.rate() / base.rate():>12.4f} {(m + n - 1) / m:>7.4f} {r.bubble():>7.4f} "
+                     f"{r.rate() / base.rate():>12.5f} {(m + n - 1) / m:>7.5f} {r.bubble():>7.4f} "
                      f"{r.utilization():>6.4f}  {_where(r)}")
     return "\n".join(lines)
 
@@ -312,8 +325,8 @@ def stage_table(r: SimResult) -> str:
     """Per-stage rows; util and bubble over the steady window when there is one."""
     steady = r.window is not None
     lines = [f"{r.name}: per stage, util/bubble over the {_where(r)}; 'whole' = whole-run util",
-             f"{'stage':>5} {'busy':>9} {'util':>6} {'bubble':>7} {'whole':>6} {'peak_in_flight':>14} "
-             f"{'max_drift':>9} {'steps':>5}  drift histogram (drift:micro-batches)"]
+             (f"{'stage':>5} {'busy':>9} {'util':>6} {'bubble':>7} {'whole':>6} {'peak_in_flight':>14} "
+              f"{'max_drift':>9} {'steps':>5}  drift histogram (drift:micro-batches)")]
     for s in r.stages:
         util = s.steady_utilization if steady else s.utilization
         hist = " ".join(f"{d}:{c}" for d, c in s.drift_histogram.items())
@@ -348,8 +361,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"{err} (or strategy names {', '.join(STRATEGY_NAMES.values())})") from err
     rows, micro_batches = [], [int(v) for v in args.micro_batches.split(",")]
     for m in micro_batches:
-        kwargs = dict(micro_batches=m, accumulation=args.accumulation, n_batches=args.batches,
-                      record_waits=args.waits)
+        kwargs = {"micro_batches": m, "accumulation": args.accumulation, "n_batches": args.batches,
+                  "record_waits": args.waits}
         results = [simulate_schedule(s, costs, **kwargs) for s in names]
         baseline = next((r for r in results if r.plan.schedule == BASELINE), None)
         baseline = baseline or simulate_schedule(BASELINE, costs, **kwargs)

@@ -12,8 +12,10 @@ and at the end of fit.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import tempfile
 from datetime import timedelta
 from typing import Any, Callable, Literal
 
@@ -27,6 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
@@ -379,6 +382,19 @@ class PACIStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         return {k: v for k, v in self.lightning_module.state_dict().items() if not v.is_meta}
 
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """The whole model (every stage's tensors, on CPU) on global rank 0; None elsewhere.
+
+        A collective: call it on every rank, after fit. Loading it into a fresh instance of the
+        LightningModule gives the trained model as one ordinary module.
+        """
+        own = {k: v.detach().cpu() for k, v in self.lightning_module_state_dict().items()}
+        parts: list[Any] | None = [None] * self.world_size if self.global_rank == 0 else None
+        dist.gather_object(own, parts, dst=0)
+        if parts is None:
+            return None
+        return {k: v for part in parts for k, v in part.items()}
+
     @override
     def teardown(self) -> None:
         if self.cluster_environment is not None:
@@ -449,4 +465,30 @@ class _CheckedScriptLauncher(_ChecksBeforeLaunch, _SubprocessScriptLauncher):
 
 
 class _CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLauncher):
-    pass
+    """Hands the main process the whole trained model and the telemetry, not rank 0's stage only."""
+
+    @override
+    def _collect_rank_zero_results(self, trainer: Trainer, results: Any) -> Any:
+        strategy = self._strategy
+        fitted = trainer.state.fn == TrainerFn.FITTING and strategy.runtime is not None
+        state_dict = strategy.full_state_dict() if fitted else None  # every rank takes part
+        if strategy.local_rank != 0:
+            return None
+        weights_path = None
+        if state_dict is not None:
+            weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
+            strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", None)
+        return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
+
+    @override
+    def get_extra_results(self, trainer: Trainer) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        extra["pipeline_telemetry"] = json.dumps(trainer.strategy.telemetry)
+        return extra
+
+    @override
+    def update_main_process_results(self, trainer: Trainer, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        trainer.strategy.telemetry = json.loads(extra["pipeline_telemetry"])

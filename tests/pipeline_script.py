@@ -1,0 +1,83 @@
+"""A pipeline training run the tests launch as a script (Lightning's popen launcher re-runs it per rank).
+
+    python tests/pipeline_script.py --schedule paci --stages 2 --steps 6 --out /tmp/run
+
+Each stage writes ``stage{i}.pt`` (its own parameters under the user's names) and rank 0 writes
+``telemetry.json``. ``--fail-unit NAME --fail-step K`` makes that module raise at global step K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from lightning_paci import PACIStrategy  # noqa: E402
+from tests.models import LitTiny, loader  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--schedule", default="paci")
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--dtype", default="float64")
+    parser.add_argument("--batch-format", default="tuple")
+    parser.add_argument("--sched", action="store_true")
+    parser.add_argument("--val-every", type=int, default=0)
+    parser.add_argument("--logger", action="store_true")
+    parser.add_argument("--fail-unit", default=None)
+    parser.add_argument("--fail-step", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--start-method", default="popen")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    L.seed_everything(0, verbose=False)
+    model = LitTiny(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
+                    sched=args.sched)
+    if args.fail_unit:
+        def fail(module, inputs):
+            if not inputs[0].is_meta and model.trainer.global_step == args.fail_step:
+                raise RuntimeError(f"injected failure in {args.fail_unit}")
+        model.get_submodule(args.fail_unit).register_forward_pre_hook(fail)
+    strategy = PACIStrategy(schedule=args.schedule, micro_batches=args.micro_batches, timeout_s=args.timeout,
+                            start_method=args.start_method)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=args.stages, strategy=strategy, max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        logger=TensorBoardLogger(out, name="tb") if args.logger else False,
+        val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0)
+    train = loader(args.batch_size, n=args.batch_size * args.steps * args.accumulate, batch_format=args.batch_format)
+    val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
+    trainer.fit(model, train, val if args.val_every else None)
+    if args.start_method != "popen":  # the main process holds the whole trained model
+        torch.save(model.state_dict(), out / "model.pt")
+        stage = "all"
+    else:
+        stage = strategy.stage
+        torch.save(strategy.lightning_module_state_dict(), out / f"stage{stage}.pt")
+    if trainer.global_rank == 0:
+        # After forked workers Lightning restores trainer.state, not loop progress, in the main process.
+        global_step = trainer.global_step if args.start_method == "popen" else None
+        result = {"global_step": global_step, "state": trainer.state.status.value, "telemetry": strategy.telemetry,
+                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(f"rank {trainer.global_rank} (stage {stage}, pid {os.getpid()}) done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

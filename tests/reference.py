@@ -1,0 +1,116 @@
+"""Single-process references the pipeline runs are checked against.
+
+- ``train_reference``: ordinary non-pipelined training of the whole model (what synchronous
+  schedules must reproduce to float tolerance).
+- ``replay_plan``: one process executes a plan's actions stage by stage, in any order its data
+  dependencies allow, with each stage's own optimizer stepping at its S actions and backwards using
+  the stage's current weights (PACI's semantics). It shares nothing with the runtime but the plan.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_paci.plan import Plan
+from tests.models import LitTiny, loader
+
+
+def fresh_model(n_layers: int, dtype: torch.dtype = torch.float64) -> LitTiny:
+    L.seed_everything(0, verbose=False)  # the same initial weights as tests/pipeline_script.py
+    return LitTiny(n_layers=n_layers, dtype=dtype)
+
+
+def _optimizer(params, sched: bool):
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if sched else None
+    return opt, scheduler
+
+
+def batches(batch_size: int, steps: int, accumulate: int = 1) -> list:
+    return list(loader(batch_size, n=batch_size * steps * accumulate))
+
+
+def train_reference(n_layers: int, data: list, accumulate: int = 1, sched: bool = False) -> dict:
+    lit = fresh_model(n_layers)
+    opt, scheduler = _optimizer(lit.parameters(), sched)
+    for k, (x, y) in enumerate(data):
+        loss = F.cross_entropy(lit.model(x).flatten(0, 1), y.flatten()) / accumulate
+        loss.backward()
+        if (k + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
+            if scheduler:
+                scheduler.step()
+    return lit.state_dict()
+
+
+def _run_units(lit: LitTiny, names: list[str], x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """TinyGPT's forward restricted to some of its units (it is written out, not traced)."""
+    tok = None
+    for name in names:
+        module = lit.get_submodule(name)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "wte":
+            tok = module(idx)
+        elif leaf == "wpe":
+            x = tok + module(torch.arange(idx.size(1)))
+        else:
+            x = module(x)
+    return x
+
+
+def replay_plan(plan: Plan, stage_units: list[list[str]], n_layers: int, data: list,
+                sched: bool = False) -> dict:
+    lit = fresh_model(n_layers)
+    m, n = plan.micro_batches, plan.n_stages
+    stages = []
+    for units in stage_units:
+        params = [p for u in units for p in lit.get_submodule(u).parameters()]
+        aliases = [nn.Parameter(p.data) for p in params]
+        stages.append((params, aliases, *_optimizer(aliases, sched)))
+    micro = {}
+    for k, (x, y) in enumerate(data):
+        for part, (xs, ys) in enumerate(zip(x.chunk(m), y.chunk(m))):
+            micro[k * m + part] = (xs, ys)
+    sent = [{} for _ in range(n)]        # activations stage i sent, by micro-batch
+    grads = [{} for _ in range(n)]       # gradients stage i sent back, by micro-batch
+    saved = [{} for _ in range(n)]
+    cursor = [0] * n
+    while any(cursor[i] < len(plan.stages[i]) for i in range(n)):
+        progressed = False
+        for i in range(n):
+            while cursor[i] < len(plan.stages[i]):
+                action, j = plan.stages[i][cursor[i]], plan.stages[i][cursor[i]].micro_batch
+                if action.kind == "F":
+                    if i > 0 and j not in sent[i - 1]:
+                        break
+                    idx, target = micro[j]
+                    inp = sent[i - 1][j].detach().requires_grad_(True) if i > 0 else None
+                    out = _run_units(lit, stage_units[i], inp, idx)
+                    if i == n - 1:
+                        out = F.cross_entropy(out.flatten(0, 1), target.flatten()) / plan.accumulation
+                    sent[i][j] = out
+                    saved[i][j] = (inp, out)
+                elif action.kind == "B":
+                    if i < n - 1 and j not in grads[i + 1]:
+                        break
+                    inp, out = saved[i].pop(j)
+                    out.backward(grads[i + 1].pop(j) if i < n - 1 else None)
+                    if inp is not None:
+                        grads[i][j] = inp.grad
+                else:
+                    params, aliases, opt, scheduler = stages[i]
+                    for p, a in zip(params, aliases):
+                        a.grad = p.grad
+                    opt.step()
+                    if scheduler:
+                        scheduler.step()
+                    for p, a in zip(params, aliases):
+                        p.grad = a.grad = None
+                cursor[i] += 1
+                progressed = True
+        assert progressed, "plan deadlocked in replay"
+    return lit.state_dict()
