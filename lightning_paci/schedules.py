@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_paci.plan import B, F, Plan, S, Action, validate
+from lightning_paci.plan import Action, B, F, Plan, S, validate
 
 SCHEDULES = ("paci", "1f1b", "gpipe")
 # The Lightning strategy names (StrategyRegistry) for each schedule.

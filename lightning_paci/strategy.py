@@ -16,8 +16,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_paci import checkpoint
 from lightning_paci.hollow import StageView
 from lightning_paci.p2p import StageLink
 from lightning_paci.partition import PARTITIONS, Partition, partition_model
@@ -110,6 +113,8 @@ class PACIStrategy(ParallelStrategy):
         self._num_threads, self._record_timeline = num_threads, record_timeline
         self._process_group_backend = process_group_backend
         self._num_nodes = 1
+        self._aliases: list[tuple[nn.Parameter, nn.Parameter]] = []
+        self._schedulers: list[Any] = []
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
         self.telemetry: list[dict[str, Any]] | None = None
@@ -254,16 +259,22 @@ class PACIStrategy(ParallelStrategy):
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
-        super().setup_optimizers(trainer)
-        if len(self.optimizers) != 1:
-            raise ValueError(f"configure_optimizers returned {len(self.optimizers)} optimizers; a pipeline "
-                             "stage steps exactly one (put all parameters in one optimizer, with param "
-                             "groups if they need different settings)")
+        try:
+            super().setup_optimizers(trainer)
+            count = len(self.optimizers)
+        except Exception as error:  # Lightning refuses several optimizers and suggests manual optimization
+            if "multiple optimizers" not in str(error):
+                raise
+            count = "several"
+        if count != 1:
+            raise ValueError(f"configure_optimizers returned {count} optimizers; a pipeline stage steps "
+                             "exactly one (put all parameters in one optimizer, with param groups if they "
+                             "need different settings)")
         for config in self.lr_scheduler_configs:
             if config.interval != "step" or config.reduce_on_plateau:
+                plateau = " with ReduceLROnPlateau" if config.reduce_on_plateau else ""
                 raise ValueError("LR schedulers must use interval='step' (each stage steps its scheduler "
-                                 "with its own optimizer); got interval="
-                                 f"{config.interval!r}{' with ReduceLROnPlateau' if config.reduce_on_plateau else ''}")
+                                 f"with its own optimizer); got interval={config.interval!r}{plateau}")
         # Each stage steps its own schedulers where the plan says; Lightning must not step them too.
         self._schedulers, self.lr_scheduler_configs = self.lr_scheduler_configs, []
         self._aliases = _alias_parameters(self.optimizers[0])
@@ -278,7 +289,7 @@ class PACIStrategy(ParallelStrategy):
         self.runtime = StageRuntime(
             self.lightning_module, self._view, spec, link,
             optimizer=self.optimizers[0] if fitting else None,
-            aliases=self._aliases if fitting else [], schedulers=self._schedulers if fitting else [],
+            aliases=self._aliases, schedulers=self._schedulers,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
             clip_value=trainer.gradient_clip_val if trainer.gradient_clip_val else None,
             record_timeline=self._record_timeline)
@@ -375,6 +386,68 @@ class PACIStrategy(ParallelStrategy):
         return box[0]
 
     # -- state ---------------------------------------------------------------------------------------------
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the stage split and the optimizer must exist to load a stage's share
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # load_checkpoint restores this stage's optimizer and schedulers itself
+
+    def _names(self) -> dict[int, str]:
+        """Optimizer alias (by id) -> the user's parameter name."""
+        named = {id(p): n for n, p in self.lightning_module.named_parameters()}
+        return {id(alias): named[id(param)] for param, alias in self._aliases}
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        return checkpoint.optimizer_state_by_name(optimizer, self._names())
+
+    @override
+    def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath: Any,
+                        storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("PACIStrategy writes checkpoints with torch.distributed.checkpoint; "
+                            "storage_options are not supported")
+        path = Path(self.broadcast(str(filepath)))
+        model_state = checkpoint_dict.pop("state_dict")
+        optimizer_states = checkpoint_dict.pop("optimizer_states", None)
+        meta = {**checkpoint_dict, "pipeline": self._layout()}
+        runtime = self.runtime
+        stage_state = {"schedulers": [c.scheduler.state_dict() for c in self._schedulers],
+                       "version": runtime.version if runtime is not None else 0}
+        checkpoint.save(path, self.stage, self.global_rank, model_state,
+                        optimizer_states[0] if optimizer_states else None, stage_state, meta, self.barrier)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        meta = checkpoint.read_meta(path)
+        saved, layout = meta.pop("pipeline"), self._layout()
+        if saved["n_stages"] != layout["n_stages"] or saved["units"] != layout["units"]:
+            raise ValueError(f"{path} was saved by {saved['n_stages']} stages split as {saved['units']}; "
+                             f"this run has {layout['n_stages']} stages split as {layout['units']}. Resume "
+                             "with the same stages/split_points (resharding comes in a later release)")
+        optimizer = self.optimizers[0] if self.optimizers else None
+        stage_state = checkpoint.load(path, self.stage, self.lightning_module, optimizer, self._names())
+        for config, state in zip(self._schedulers, stage_state["schedulers"]):
+            config.scheduler.load_state_dict(state)
+        if self.runtime is not None:
+            self.runtime.version = stage_state["version"]
+        return meta
+
+    def _layout(self) -> dict[str, Any]:
+        assert self.partition is not None
+        return {"n_stages": self.n_stages, "schedule": self.schedule,
+                "units": [self.partition.stage_units(i) for i in range(self.n_stages)]}
+
+    @override
+    def load_model_state_dict(self, checkpoint_dict: Any, strict: bool = True) -> None:
+        pass  # load_checkpoint already loaded this stage's tensors
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """This stage's own tensors under the user's names; the stages' dicts together are the model."""
@@ -446,6 +519,8 @@ class _PipelineSync(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
             self.strategy.sync_metrics()
+            if trainer.state.fn == TrainerFn.FITTING:
+                self.strategy.publish_telemetry()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.sync_metrics()

@@ -93,3 +93,9 @@ def loader(batch_size: int = 8, n: int = 64, batch_format: str = "tuple", seed: 
     x, y = token_data(n, seed=seed)
     data = DictData(x, y) if batch_format == "dict" else TensorDataset(x, y)
     return DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+class TwoOptimizers(LitTiny):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.model.transformer.parameters(), lr=0.1),
+                torch.optim.SGD(self.model.lm_head.parameters(), lr=0.1)]

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_paci import PACIStrategy  # noqa: E402
-from tests.models import LitTiny, loader  # noqa: E402
+from tests.models import LitTiny, TwoOptimizers, loader  # noqa: E402
 
 
 def main() -> None:
@@ -42,28 +42,45 @@ def main() -> None:
     parser.add_argument("--fail-step", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--start-method", default="popen")
+    parser.add_argument("--by-name", action="store_true", help='strategy="paci" etc. from the registry')
+    parser.add_argument("--epoch-batches", type=int, default=0, help="batches per epoch (default: all steps)")
+    parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint at every epoch end")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--two-optimizers", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
     L.seed_everything(0, verbose=False)
-    model = LitTiny(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
+    module_class = TwoOptimizers if args.two_optimizers else LitTiny
+    model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
                     sched=args.sched)
     if args.fail_unit:
         def fail(module, inputs):
             if not inputs[0].is_meta and model.trainer.global_step == args.fail_step:
                 raise RuntimeError(f"injected failure in {args.fail_unit}")
         model.get_submodule(args.fail_unit).register_forward_pre_hook(fail)
-    strategy = PACIStrategy(schedule=args.schedule, micro_batches=args.micro_batches, timeout_s=args.timeout,
-                            start_method=args.start_method)
+    if args.by_name:
+        import lightning_paci  # noqa: F401  (registers "paci", "pipe_1f1b", "pipe_gpipe")
+        strategy = {"paci": "paci", "1f1b": "pipe_1f1b", "gpipe": "pipe_gpipe"}[args.schedule]
+    else:
+        strategy = PACIStrategy(schedule=args.schedule, micro_batches=args.micro_batches,
+                                timeout_s=args.timeout, start_method=args.start_method)
+    callbacks = []
+    if args.ckpt_dir:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(args.ckpt_dir, save_top_k=-1, every_n_epochs=1,
+                                                             filename="{epoch}-{step}"))
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.stages, strategy=strategy, max_steps=args.steps,
-        accumulate_grad_batches=args.accumulate, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", devices=args.stages, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
+        accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
+        enable_progress_bar=False, max_epochs=-1,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0)
-    train = loader(args.batch_size, n=args.batch_size * args.steps * args.accumulate, batch_format=args.batch_format)
+    n_batches = args.epoch_batches or args.steps * args.accumulate
+    train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format)
     val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
-    trainer.fit(model, train, val if args.val_every else None)
+    trainer.fit(model, train, val if args.val_every else None, ckpt_path=args.resume)
+    strategy = trainer.strategy
     if args.start_method != "popen":  # the main process holds the whole trained model
         torch.save(model.state_dict(), out / "model.pt")
         stage = "all"

@@ -175,9 +175,3 @@ def test_simulate_module_imports_no_torch() -> None:
     done = _imports_without(stub, ("torch", "matplotlib"))
     assert done.returncode == 0, done.stderr
 
-
-@pytest.mark.xfail(strict=True, reason="lightning_paci/__init__.py imports lightning, hence torch, to "
-                                       "register the strategies; STYLE.md wants this import torch-free")
-def test_import_lightning_paci_simulate_leaves_torch_unloaded() -> None:
-    done = _imports_without("import lightning_paci.simulate")
-    assert done.returncode == 0, done.stderr

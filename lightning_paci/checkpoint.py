@@ -1,0 +1,106 @@
+"""Pipeline checkpoints with torch.distributed.checkpoint (DCP): every stage writes its own tensors.
+
+A checkpoint is a directory::
+
+    model/<name>            each stage's parameters and buffers, under the user's own names
+    optim/<name>/<state>    optimizer state (exp_avg, ...) per parameter, by name
+    meta.pt                 Lightning's checkpoint without tensors, plus the pipeline layout (rank 0)
+    stage<i>.pt             stage i's optimizer param groups, LR scheduler state (each stage)
+
+Tensor keys do not mention stages, so together they form the ordinary model. Saving writes
+``<dir>.tmp`` and renames it into place only after every stage has finished, so an interrupted save
+never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+
+META_FILE = "meta.pt"
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with parameter indices replaced by parameter names."""
+    state = optimizer.state_dict()
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                                 saved: dict[str, Any]) -> None:
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
+    state = {index[n]: s for n, s in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save(path: Path, stage: int, rank: int, model_state: dict[str, Tensor],
+         optimizer_state: dict[str, Any] | None, stage_state: dict[str, Any], meta: dict[str, Any],
+         barrier: Any) -> None:
+    """Collective: every stage calls it with its own states; rank 0 also writes ``meta``."""
+    tmp = path.with_name(path.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    tensors: dict[str, Any] = {f"model/{k}": v for k, v in model_state.items()}
+    groups = None
+    if optimizer_state is not None:
+        for name, per_param in optimizer_state["state"].items():
+            for key, value in per_param.items():
+                tensors[f"optim/{name}/{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+        groups = optimizer_state["param_groups"]
+    dcp.save(tensors, checkpoint_id=tmp)
+    torch.save({**stage_state, "param_groups": groups}, tmp / f"stage{stage}.pt")
+    if rank == 0:
+        torch.save(meta, tmp / META_FILE)
+    barrier()
+    if rank == 0:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        tmp.rename(path)
+    barrier()
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a lightning_paci checkpoint directory (no {META_FILE}); "
+                                "pipeline checkpoints are directories written by PACIStrategy")
+    return torch.load(path / META_FILE, weights_only=False)
+
+
+def load(path: Path, stage: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,
+         names: dict[int, str]) -> dict[str, Any]:
+    """Load this stage's tensors in place (and its optimizer); returns its ``stage<i>.pt`` dict."""
+    own = {k: v for k, v in module.state_dict().items() if not v.is_meta}
+    tensors: dict[str, Any] = {f"model/{k}": v for k, v in own.items()}
+    stage_state = torch.load(path / f"stage{stage}.pt", weights_only=False)
+    if optimizer is not None and stage_state["param_groups"] is not None:
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        mine = set(names.values())
+        for key, info in stored.items():
+            if key.startswith("optim/") and key[len("optim/"): key.rindex("/")] in mine:
+                tensors[key] = torch.empty(info.size, dtype=info.properties.dtype)
+    dcp.load(tensors, checkpoint_id=path)
+    for key, value in tensors.items():
+        if key.startswith("model/"):
+            own[key[len("model/"):]].copy_(value)  # DCP loads in place; copy is a no-op safeguard
+    if optimizer is not None and stage_state["param_groups"] is not None:
+        state: dict[str, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim/"):
+                name, field = key[len("optim/"): key.rindex("/")], key[key.rindex("/") + 1:]
+                state.setdefault(name, {})[field] = value
+        load_optimizer_state_by_name(optimizer, names, {"state": state,
+                                                        "param_groups": stage_state["param_groups"]})
+    return stage_state

@@ -1,0 +1,162 @@
+"""End-to-end runs of the Lightning strategy: logging, checkpoints, failures and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import lightning_paci  # noqa: F401  (registers the strategy names)
+from lightning_paci import PACIStrategy
+from tests.models import LitTiny, loader
+from tests.test_pipeline_correctness import SCRIPT, assert_same, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fit_by_name_logs_loss_and_telemetry_to_tensorboard(tmp_path):
+    result, _ = run_pipeline(tmp_path, "--by-name", "--schedule", "paci", "--dtype", "float32", "--steps", "12",
+                             "--val-every", "4", "--logger", fork=False)
+    assert result["global_step"] == 12
+    assert "val_loss" in result["metrics"]
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*"))))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    train = [e.value for e in events.Scalars("train_loss")]
+    assert [e.step for e in events.Scalars("train_loss")] == list(range(12))
+    assert [e.step for e in events.Scalars("val_loss")] == [3, 7, 11]
+    assert sum(train[-4:]) < sum(train[:4])  # it learns
+    for stage in (0, 1):
+        assert f"pipeline/stage{stage}/utilization" in tags
+    assert events.Scalars("pipeline/stage0/max_drift")[-1].value == 1
+
+
+def _single_device_resume(tmp_path: Path, steps: int, epoch_batches: int) -> dict:
+    """Lightning's own single-device run with the same checkpoint/resume (its loop semantics included)."""
+    def fit(ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        model = LitTiny(dtype=torch.float64, sched=True)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(tmp_path, save_top_k=-1,
+                                                                           filename="{epoch}-{step}")])
+        trainer.fit(model, loader(8, n=8 * epoch_batches), ckpt_path=ckpt_path)
+        return model
+    fit()
+    return fit(tmp_path / f"epoch=0-step={epoch_batches}.ckpt").state_dict()
+
+
+def test_checkpoint_resume_matches_lightning_single_device_resume(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    common = ["--schedule", "1f1b", "--sched", "--steps", "6", "--epoch-batches", "3"]
+    run_pipeline(first, *common, "--ckpt-dir", str(first / "ckpt"))
+    ckpt = first / "ckpt" / "epoch=0-step=3.ckpt"
+    assert (ckpt / "meta.pt").is_file() and not list((first / "ckpt").glob("*.tmp"))
+    _, resumed = run_pipeline(second, *common, "--resume", str(ckpt))
+    assert_same(resumed, _single_device_resume(tmp_path / "single", 6, 3))
+
+
+def test_paci_checkpoint_restores_exact_state(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    run_pipeline(first, "--schedule", "paci", "--steps", "6", "--epoch-batches", "3", "--ckpt-dir",
+                 str(first / "ckpt"))
+    ckpt = first / "ckpt" / "epoch=0-step=3.ckpt"
+    _, restored = run_pipeline(second, "--schedule", "paci", "--steps", "3", "--epoch-batches", "3",
+                               "--resume", str(ckpt))
+    dcp_to_torch_save(ckpt, tmp_path / "flat.pt")
+    saved = torch.load(tmp_path / "flat.pt")
+    assert_same(restored, {k[len("model/"):]: v for k, v in saved.items() if k.startswith("model/")}, tol=0)
+    assert any(k.startswith("optim/") and k.endswith("/exp_avg") for k in saved)
+
+
+@pytest.mark.parametrize("unit,stage,fork", [("model.transformer.h.0", 0, False), ("model.lm_head", 1, True)])
+def test_failing_stage_takes_the_job_down_naming_it(tmp_path, unit, stage, fork):
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--schedule", "paci", "--steps", "6",
+           "--fail-unit", unit, "--fail-step", "2", "--timeout", "60"]
+    cmd += ["--start-method", "fork"] if fork else []
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60, "the job should end on the failure, not on the timeout"
+    out = proc.stdout + proc.stderr
+    assert f"stage {stage} failed at F8 (micro-batch 8" in out and f"injected failure in {unit}" in out
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "a stage process was left running"
+
+
+# -- bad input: raised in the main process, before any stage process starts ---------------------------
+def _fit(model, devices=2, **strategy_kwargs):
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=PACIStrategy(**strategy_kwargs),
+                        max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(model, loader())
+
+
+class Manual(LitTiny):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class Flat(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+
+class Tied(LitTiny):
+    def __init__(self):
+        super().__init__()
+        self.model.lm_head.weight = self.model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("make,kwargs,devices,message", [
+    (Manual, {}, 2, "automatic_optimization=True"),
+    (Flat, {}, 2, "no nn.ModuleList or nn.Sequential of blocks"),
+    (Tied, {}, 2, "tied weights across stages"),
+    (lambda: LitTiny(n_layers=2), {}, 4, "at most 3 stages"),
+    (LitTiny, {"stages": 3}, 2, "set devices=3"),
+    (LitTiny, {"split_points": ["model.nope"]}, 2, "are not units of the model"),
+    (lambda: LitTiny(n_layers=8), {"max_drift": 1, "micro_batches": 2, "stages": 4}, 4, "micro_batches>=3"),
+])
+def test_bad_input_fails_before_processes_start(make, kwargs, devices, message):
+    with pytest.raises(ValueError, match=message):
+        _fit(make(), devices=devices, **kwargs)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"micro_batches": 0}, "micro_batches must be an integer >= 1"),
+    ({"schedule": "zb"}, "unknown schedule"),
+    ({"partition": "flops"}, "partition='flops' is not supported"),
+])
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PACIStrategy(**kwargs)
+
+
+def test_gradient_norm_clipping_is_refused_before_launch():
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="paci", gradient_clip_val=1.0, max_steps=1,
+                        logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="gradient_clip_algorithm='value'"):
+        trainer.fit(LitTiny(), loader())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "6"], "batch size 6 is not divisible by micro_batches=4"),
+    (["--two-optimizers"], "configure_optimizers returned several optimizers"),
+])
+def test_bad_input_inside_processes_fails_on_every_stage(tmp_path, args, message):
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--start-method", "fork", "--steps", "2", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
