@@ -24,6 +24,33 @@ from lightning_paci import PACIStrategy  # noqa: E402
 from tests.models import LitTiny, TwoOptimizers, loader  # noqa: E402
 
 
+class _CollectiveCounter(L.Callback):
+    """Wraps torch.distributed's collectives and counts the calls made between batch start and end."""
+
+    NAMES = ("all_reduce", "broadcast", "barrier", "all_gather", "all_gather_object", "gather_object",
+             "broadcast_object_list", "reduce", "scatter", "all_to_all")
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.calls: dict[str, int] = {}
+        self.inside = False
+        for name in self.NAMES:
+            original = getattr(dist, name)
+
+            def counted(*a, _name=name, _original=original, **k):
+                key = _name if self.inside else "outside batches"
+                self.calls[key] = self.calls.get(key, 0) + 1
+                return _original(*a, **k)
+            setattr(dist, name, counted)
+
+    def on_train_batch_start(self, *args) -> None:
+        self.inside = True
+
+    def on_train_batch_end(self, *args) -> None:
+        self.inside = False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
@@ -47,6 +74,8 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint at every epoch end")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--two-optimizers", action="store_true")
+    parser.add_argument("--count-collectives", action="store_true",
+                        help="count torch.distributed collectives issued inside training batches")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -69,6 +98,8 @@ def main() -> None:
     if args.ckpt_dir:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(args.ckpt_dir, save_top_k=-1, every_n_epochs=1,
                                                              filename="{epoch}-{step}"))
+    if args.count_collectives:
+        callbacks.append(_CollectiveCounter())
     trainer = L.Trainer(
         accelerator="cpu", devices=args.stages, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
@@ -81,6 +112,9 @@ def main() -> None:
     val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
     trainer.fit(model, train, val if args.val_every else None, ckpt_path=args.resume)
     strategy = trainer.strategy
+    for callback in callbacks:
+        if isinstance(callback, _CollectiveCounter):
+            (out / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(callback.calls))
     if args.start_method != "popen":  # the main process holds the whole trained model
         torch.save(model.state_dict(), out / "model.pt")
         stage = "all"
