@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint at every epoch end")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--two-optimizers", action="store_true")
+    parser.add_argument("--validate", action="store_true", help="trainer.validate() after fit")
     parser.add_argument("--count-collectives", action="store_true",
                         help="count torch.distributed collectives issued inside training batches")
     parser.add_argument("--out", required=True)
@@ -112,6 +113,7 @@ def main() -> None:
     val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
     trainer.fit(model, train, val if args.val_every else None, ckpt_path=args.resume)
     strategy = trainer.strategy
+    validated = trainer.validate(model, val, verbose=False)[0] if args.validate else None
     for callback in callbacks:
         if isinstance(callback, _CollectiveCounter):
             (out / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(callback.calls))
@@ -125,7 +127,7 @@ def main() -> None:
         # After forked workers Lightning restores trainer.state, not loop progress, in the main process.
         global_step = trainer.global_step if args.start_method == "popen" else None
         result = {"global_step": global_step, "state": trainer.state.status.value, "telemetry": strategy.telemetry,
-                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}, "validated": validated}
         (out / "result.json").write_text(json.dumps(result, indent=1))
     print(f"rank {trainer.global_rank} (stage {stage}, pid {os.getpid()}) done", flush=True)
 

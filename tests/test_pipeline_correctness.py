@@ -51,7 +51,13 @@ def test_flush_schedules_match_single_process_training(tmp_path, schedule, stage
     result, params = run_pipeline(tmp_path, "--schedule", schedule, "--stages", str(stages),
                                   "--steps", str(STEPS), "--micro-batches", str(M))
     assert result["state"] == "finished"
-    assert_same(params, train_reference(LAYERS, batches(BATCH, STEPS)))
+    expected = train_reference(LAYERS, batches(BATCH, STEPS))
+    assert_same(params, expected)
+    # Each process held only its own stage's parameters, and together they are the model.
+    partition = partition_model(fresh_model(LAYERS), stages)
+    held = [t["parameters"] for t in sorted(result["telemetry"], key=lambda t: t["stage"])]
+    assert held == [partition.stage_params(i) for i in range(stages)]
+    assert sum(held) == sum(v.numel() for k, v in expected.items())
     assert all(t["max_drift"] == 0 and t["optimizer_steps"] == STEPS for t in result["telemetry"])
 
 

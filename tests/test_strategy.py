@@ -26,19 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_fit_by_name_logs_loss_and_telemetry_to_tensorboard(tmp_path):
     result, _ = run_pipeline(tmp_path, "--by-name", "--schedule", "paci", "--dtype", "float32", "--steps", "12",
-                             "--val-every", "4", "--logger", "--count-collectives", fork=False)
+                             "--val-every", "4", "--logger", "--count-collectives", "--validate", fork=False)
     assert result["global_step"] == 12
+    assert result["validated"]["val_loss"] == pytest.approx(result["metrics"]["val_loss"], rel=1e-6)
     for rank in (0, 1):  # steady state: stages talk to neighbours only, nothing waits on all ranks
         calls = json.loads((tmp_path / f"collectives_rank{rank}.json").read_text())
         assert calls.pop("outside batches") > 0  # the counter does see collectives (setup, drains)
         assert calls == {}
     assert "val_loss" in result["metrics"]
-    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*"))))
+    run_dir = next((tmp_path / "tb").rglob("events.out.tfevents*")).parent
+    events = EventAccumulator(str(run_dir))  # fit's and validate's event files, merged
     events.Reload()
     tags = events.Tags()["scalars"]
     train = [e.value for e in events.Scalars("train_loss")]
     assert [e.step for e in events.Scalars("train_loss")] == list(range(12))
-    assert [e.step for e in events.Scalars("val_loss")] == [3, 7, 11]
+    assert [e.step for e in events.Scalars("val_loss")] == [3, 7, 11, 12]  # 12: trainer.validate()
     assert sum(train[-4:]) < sum(train[:4])  # it learns
     for stage in (0, 1):
         assert f"pipeline/stage{stage}/utilization" in tags
@@ -111,6 +113,18 @@ def test_same_script_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     merged = {k: v for f in tmp_path.glob("stage*.pt") for k, v in torch.load(f).items()}
     assert_same(merged, train_reference(4, batches(8, STEPS)))
+
+
+def test_optimizer_aliases_share_storage_and_skip_other_stages():
+    """No parameter copy: the optimizer's tensors are views of the stage's own parameters."""
+    from lightning_paci.strategy import _alias_parameters
+
+    owned, hollow = nn.Linear(3, 3), nn.Linear(3, 3).to("meta")
+    opt = torch.optim.AdamW([{"params": owned.parameters()}, {"params": hollow.parameters()}])
+    pairs = _alias_parameters(opt)
+    assert [p for p, _ in pairs] == list(owned.parameters())
+    assert all(a.data_ptr() == p.data_ptr() and a is not p for p, a in pairs)
+    assert opt.param_groups[1]["params"] == []
 
 
 # -- bad input: raised in the main process, before any stage process starts ---------------------------
