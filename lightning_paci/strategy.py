@@ -150,6 +150,13 @@ class PACIStrategy(ParallelStrategy):
         return self.parallel_devices[self.local_rank]
 
     @property
+    def is_distributed(self) -> bool:
+        # Lightning then wraps loaders in a DistributedSampler built from distributed_sampler_kwargs,
+        # so shuffle=True gives every stage the same order (seeded by epoch), whatever each process's RNG
+        # did meanwhile (dropout runs on some stages only), and sync_dist reaches reduce().
+        return True
+
+    @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Every stage must read the same batches in the same order: one data-parallel replica.

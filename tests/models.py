@@ -10,21 +10,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 class Block(nn.Module):
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.ln = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.ln(x))
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, vocab: int = 32, d: int = 16, n_layers: int = 4, block: int = 8) -> None:
+    def __init__(self, vocab: int = 32, d: int = 16, n_layers: int = 4, block: int = 8,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab, d), wpe=nn.Embedding(block, d), drop=nn.Dropout(0.0),
-            h=nn.ModuleList([Block(d) for _ in range(n_layers)]), ln_f=nn.LayerNorm(d)))
+            wte=nn.Embedding(vocab, d), wpe=nn.Embedding(block, d), drop=nn.Dropout(dropout),
+            h=nn.ModuleList([Block(d, dropout) for _ in range(n_layers)]), ln_f=nn.LayerNorm(d)))
         self.lm_head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,9 @@ class LitTiny(LightningModule):
     """What a user writes for one device; nothing here knows about pipelines."""
 
     def __init__(self, n_layers: int = 4, lr: float = 1e-2, dtype: torch.dtype = torch.float32,
-                 batch_format: str = "tuple", sched: bool = False) -> None:
+                 batch_format: str = "tuple", sched: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
-        self.model = TinyGPT(n_layers=n_layers).to(dtype)
+        self.model = TinyGPT(n_layers=n_layers, dropout=dropout).to(dtype)
         self.lr, self.batch_format, self.sched = lr, batch_format, sched
 
     def _xy(self, batch):
@@ -89,10 +90,11 @@ class DictData(torch.utils.data.Dataset):
         return {"x": self.x[i], "y": self.y[i]}
 
 
-def loader(batch_size: int = 8, n: int = 64, batch_format: str = "tuple", seed: int = 0) -> DataLoader:
+def loader(batch_size: int = 8, n: int = 64, batch_format: str = "tuple", seed: int = 0,
+           shuffle: bool = False) -> DataLoader:
     x, y = token_data(n, seed=seed)
     data = DictData(x, y) if batch_format == "dict" else TensorDataset(x, y)
-    return DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=True)
 
 
 class TwoOptimizers(LitTiny):

@@ -51,6 +51,16 @@ class _CollectiveCounter(L.Callback):
         self.inside = False
 
 
+class _BatchRecorder(L.Callback):
+    """Records what each rank trains on: one fingerprint (sum of the token ids) per batch."""
+
+    def __init__(self) -> None:
+        self.sums: list[int] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.sums.append(int(batch[0].sum()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
@@ -75,6 +85,9 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--two-optimizers", action="store_true")
     parser.add_argument("--validate", action="store_true", help="trainer.validate() after fit")
+    parser.add_argument("--shuffle", action="store_true", help="shuffle=True in the training DataLoader")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--record-batches", action="store_true", help="write each rank's batch sums")
     parser.add_argument("--count-collectives", action="store_true",
                         help="count torch.distributed collectives issued inside training batches")
     parser.add_argument("--out", required=True)
@@ -83,7 +96,7 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     module_class = TwoOptimizers if args.two_optimizers else LitTiny
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
-                    sched=args.sched)
+                    sched=args.sched, dropout=args.dropout)
     if args.fail_unit:
         def fail(module, inputs):
             if not inputs[0].is_meta and model.trainer.global_step == args.fail_step:
@@ -101,6 +114,8 @@ def main() -> None:
                                                              filename="{epoch}-{step}"))
     if args.count_collectives:
         callbacks.append(_CollectiveCounter())
+    if args.record_batches:
+        callbacks.append(_BatchRecorder())
     trainer = L.Trainer(
         accelerator="cpu", devices=args.stages, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
@@ -109,7 +124,8 @@ def main() -> None:
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0)
     n_batches = args.epoch_batches or args.steps * args.accumulate
-    train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format)
+    train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format,
+                   shuffle=args.shuffle)
     val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
     trainer.fit(model, train, val if args.val_every else None, ckpt_path=args.resume)
     strategy = trainer.strategy
@@ -117,6 +133,8 @@ def main() -> None:
     for callback in callbacks:
         if isinstance(callback, _CollectiveCounter):
             (out / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(callback.calls))
+        if isinstance(callback, _BatchRecorder):
+            (out / f"batches_rank{trainer.global_rank}.json").write_text(json.dumps(callback.sums))
     if args.start_method != "popen":  # the main process holds the whole trained model
         torch.save(model.state_dict(), out / "model.pt")
         stage = "all"

@@ -104,6 +104,15 @@ def test_failing_stage_takes_the_job_down_naming_it(tmp_path, unit, stage, fork)
     assert left.stdout.strip() == "", "a stage process was left running"
 
 
+def test_shuffled_loader_gives_every_stage_the_same_batches(tmp_path):
+    """shuffle=True with dropout: the processes' RNGs diverge, the batch order must not (DistributedSampler)."""
+    run_pipeline(tmp_path, "--shuffle", "--dropout", "0.1", "--steps", "12", "--epoch-batches", "4",
+                 "--record-batches", fork=False)
+    ranks = [json.loads((tmp_path / f"batches_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == 12 and ranks[0] == ranks[1]
+    assert ranks[0][:4] != ranks[0][4:8]  # it does shuffle, differently each epoch
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_same_script_under_torchrun(tmp_path):
     """torchrun creates the processes; Lightning's cluster environment picks them up, nothing is re-launched."""
