@@ -8,6 +8,14 @@ An activation message is a fixed-size int64 header (count, then dtype code, rank
 tensor) followed by the tensors; the receiver checks what arrives against what it expects to
 substitute. Gradient messages need no header: their shapes are the sender's own outputs.
 
+Sticky shapes: gloo moves a message only once both ends have posted it, and on busy cores each
+such rendezvous costs milliseconds (the other side's I/O thread has to be scheduled). So the
+receiver posts the header *and* the tensors at once, shaped like the previous message. Both ends
+remember the previous header; when the shapes change, the sender first fills the receiver's
+guess with placeholder tensors of the old shapes, then sends the message again, which the
+receiver (seeing a new header) receives with the right shapes. The first message of a link is
+received header first.
+
 Sends are non-blocking; a send is waited for only when too many are outstanding or at a drain,
 oldest first. That never deadlocks: the receiver consumes messages in the order they were sent and
 needs nothing unsent to reach the oldest one.
@@ -74,11 +82,14 @@ class StageLink:
         self.stage, self.prev_rank, self.next_rank = stage, prev_rank, next_rank
         self.device, self.group = device, group
         self.wait_s = 0.0  # time blocked in receives and send back-pressure (telemetry)
+        # (start, end, "recv"|"send") of every wait, kept only while a timeline is recorded
+        self.wait_log: list[tuple[float, float, str]] | None = None
         self._pending: deque[tuple[dist.Work, list[Tensor]]] = deque()
+        self._sent_header: list[int] | None = None  # the last activation header each way (sticky shapes)
+        self._received_header: list[int] | None = None
 
     # -- activations -------------------------------------------------------------------------
     def send_activations(self, tensors: list[Tensor]) -> None:
-        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
         fields = [len(tensors)]
         for t in tensors:
             fields += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
@@ -86,19 +97,34 @@ class StageLink:
             raise PipelineError(f"stage {self.stage}: {len(tensors)} tensors cross the stage boundary, "
                                 f"more than a {_HEADER_LEN}-field header describes; pass fewer tensors "
                                 "between stages or choose other split_points")
-        header[: len(fields)] = torch.tensor(fields)
-        self._send([header.to(self.device)] + [t.detach().contiguous() for t in tensors], self.next_rank)
+        fields += [0] * (_HEADER_LEN - len(fields))
+        header = torch.tensor(fields, dtype=torch.int64, device=self.device)
+        if self._sent_header is not None and fields != self._sent_header:
+            self._send([header] + self._empty(self._sent_header), self.next_rank)  # fills the receiver's guess
+        self._sent_header = fields
+        self._send([header] + [t.detach().contiguous() for t in tensors], self.next_rank)
 
     def recv_activations(self) -> list[Tensor]:
-        header = self._recv([torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)],
-                            self.prev_rank)[0].tolist()
-        count, pos, buffers = header[0], 1, []
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+        guess = self._empty(self._received_header) if self._received_header is not None else []
+        self._recv([header] + guess, self.prev_rank)
+        fields = header.tolist()
+        if fields == self._received_header:
+            return guess
+        # The link's first message, or new shapes (then `guess` got placeholders and the message follows).
+        again = [header] if self._received_header is not None else []
+        self._received_header, buffers = fields, self._empty(fields)
+        self._recv(again + buffers, self.prev_rank)
+        return buffers
+
+    def _empty(self, fields: list[int]) -> list[Tensor]:
+        """Uninitialised tensors of the dtypes and shapes a header describes."""
+        count, pos, out = fields[0], 1, []
         for _ in range(count):
-            dtype, ndim = _DTYPES[header[pos]], header[pos + 1]
-            shape = header[pos + 2: pos + 2 + ndim]
+            dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
+            out.append(torch.empty(fields[pos + 2: pos + 2 + ndim], dtype=dtype, device=self.device))
             pos += 2 + ndim
-            buffers.append(torch.empty(shape, dtype=dtype, device=self.device))
-        return self._recv(buffers, self.prev_rank)
+        return out
 
     # -- gradients (+ the micro-batch loss) ---------------------------------------------------
     def send_grads(self, grads: list[Tensor], loss: Tensor) -> None:
@@ -128,14 +154,14 @@ class StageLink:
         assert peer is not None, f"stage {self.stage} has no neighbour to receive from"
         works = [dist.irecv(b, peer, group=self.group) for b in buffers]
         for w in works:
-            self._wait(w, f"receiving from rank {peer}")
+            self._wait(w, f"receiving from rank {peer}", "recv")
         return buffers
 
     def _wait_oldest_send(self) -> None:
         work, _ = self._pending.popleft()
-        self._wait(work, "sending")
+        self._wait(work, "sending", "send")
 
-    def _wait(self, work: dist.Work, what: str) -> None:
+    def _wait(self, work: dist.Work, what: str, kind: str) -> None:
         start = time.perf_counter()
         try:
             work.wait()
@@ -144,4 +170,7 @@ class StageLink:
             cause = note or "the neighbour exited or stopped answering (see its own error)"
             raise PipelineError(f"stage {self.stage} lost its pipeline neighbour while {what}: {cause}") from error
         finally:
-            self.wait_s += time.perf_counter() - start
+            end = time.perf_counter()
+            self.wait_s += end - start
+            if self.wait_log is not None:
+                self.wait_log.append((start, end, kind))

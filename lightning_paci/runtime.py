@@ -18,7 +18,6 @@ parameter is ever made.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_paci.hollow import StageView
+from lightning_paci.memory import PeakMemory
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action
 from lightning_paci.schedules import PlanSpec
@@ -128,6 +128,7 @@ class StageRuntime:
         self.busy_s = self.wall_s = 0.0
         self.time_of = {"F": [0.0, 0], "B": [0.0, 0], "S": [0.0, 0]}
         self.timeline: list[TimelineEvent] | None = [] if record_timeline else None
+        self.memory = PeakMemory(device)
         self._t0 = time.perf_counter()
         self._last_end: float | None = None  # end of the previous training batch, None after a drain
 
@@ -184,6 +185,8 @@ class StageRuntime:
     def _run(self, actions: tuple[Action, ...], where: str) -> None:
         for index, action in enumerate(actions):
             handler = self.handlers.get(action.kind)
+            if self.timeline is not None:
+                self.link.wait_log = []
             t0, wait0 = time.perf_counter(), self.link.wait_s
             try:
                 if handler is None:
@@ -200,10 +203,23 @@ class StageRuntime:
             t1 = time.perf_counter()
             compute = (t1 - t0) - (self.link.wait_s - wait0)
             self.busy_s += compute
+            self.memory.sample()
             self.time_of[action.kind][0] += compute
             self.time_of[action.kind][1] += 1
             if self.timeline is not None:
-                self.timeline.append(TimelineEvent(self.stage, str(action), t0 - self._t0, t1 - self._t0))
+                self._record(str(action), t0, t1)
+
+    def _record(self, label: str, t0: float, t1: float) -> None:
+        """Timeline events of one action: waits for its input ("recv F3"), its compute, then send
+        back-pressure ("send F3"); every handler receives before it computes and sends after."""
+        waits, o = self.link.wait_log or [], self._t0
+        begin = max((end for _, end, kind in waits if kind == "recv"), default=t0)
+        end = min((start for start, _, kind in waits if kind == "send"), default=t1)
+        if begin > t0:
+            self.timeline.append(TimelineEvent(self.stage, f"recv {label}", t0 - o, begin - o))
+        self.timeline.append(TimelineEvent(self.stage, label, begin - o, end - o))
+        if end < t1:
+            self.timeline.append(TimelineEvent(self.stage, f"send {label}", end - o, t1 - o))
 
     def _forward(self, j: int) -> None:
         part = self._micro[j - self._first]
@@ -255,12 +271,13 @@ class StageRuntime:
             param.grad = alias.grad = None
 
     # -- telemetry -------------------------------------------------------------------------------------
+    @property
+    def clock_origin(self) -> float:
+        """``time.perf_counter()`` that timeline times count from; one clock for all processes of a host."""
+        return self._t0
+
     def telemetry(self) -> dict[str, Any]:
         wall = max(self.wall_s, 1e-12)
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:  # resident set size high-water mark of this process (Linux reports KiB)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         mean = {k: (t / n if n else 0.0) for k, (t, n) in self.time_of.items()}
         return {
             "stage": self.stage,
@@ -270,7 +287,7 @@ class StageRuntime:
             "bubble_fraction": self.link.wait_s / wall,
             "peak_in_flight": self.peak_in_flight,
             "optimizer_steps": self.version,
-            "peak_memory_bytes": int(peak),
+            "peak_memory_bytes": self.memory.peak,
             "busy_s": self.busy_s,
             "wait_s": self.link.wait_s,
             "wall_s": self.wall_s,

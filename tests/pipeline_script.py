@@ -25,7 +25,9 @@ from tests.models import LitTiny, TwoOptimizers, loader  # noqa: E402
 
 
 class _CollectiveCounter(L.Callback):
-    """Wraps torch.distributed's collectives and counts the calls made between batch start and end."""
+    """Wraps torch.distributed's collectives and counts the calls made while training batches run:
+    from a batch's start to the next one's (the loop's own code between batches included), leaving
+    out validation, checkpoints and the end of the epoch (drain points)."""
 
     NAMES = ("all_reduce", "broadcast", "barrier", "all_gather", "all_gather_object", "gather_object",
              "broadcast_object_list", "reduce", "scatter", "all_to_all")
@@ -47,7 +49,10 @@ class _CollectiveCounter(L.Callback):
     def on_train_batch_start(self, *args) -> None:
         self.inside = True
 
-    def on_train_batch_end(self, *args) -> None:
+    def on_validation_start(self, *args) -> None:
+        self.inside = False
+
+    def on_train_epoch_end(self, *args) -> None:
         self.inside = False
 
 
@@ -120,6 +125,8 @@ def main() -> None:
         accelerator="cpu", devices=args.stages, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False, max_epochs=-1,
+        # As with DDP, Lightning's sampler shuffles training data; the references read it in order.
+        use_distributed_sampler=args.shuffle,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0)

@@ -1,0 +1,201 @@
+"""The benchmark's report: summary over rounds, goal verdicts, simulator check, table and drawings.
+
+recipes/benchmark.py measures (one process per stage); this module only reads its run records,
+so the arithmetic is testable without processes (tests/test_benchmark.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+
+from lightning_paci.simulate import CostModel, simulate_schedule
+from lightning_paci.timeline import TimelineEvent, plot_gantt, write_chrome_trace
+
+if TYPE_CHECKING:
+    from recipes.benchmark import Config
+
+PEERS = ("peer_gpipe", "peer_1f1b")
+OURS = {"pipe_gpipe": "gpipe", "pipe_1f1b": "1f1b", "paci": "paci"}
+PIPELINES = PEERS + tuple(OURS)
+SINGLES = ("single_1thread", "single_allcores")
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per schedule: tokens/s median/min/max, per-round ratios, per-stage medians."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_name.setdefault(run["name"], []).append(run)
+    rate = {(r["name"], r["round"]): r["tokens_per_s"] for r in runs}
+    out = {}
+    for name, rs in by_name.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        row: dict[str, Any] = {"tokens_per_s": _median(tps), "tokens_per_s_min": min(tps),
+                               "tokens_per_s_max": max(tps), "spread": (max(tps) - min(tps)) / _median(tps),
+                               "foreign_cpu_max": max(r.get("foreign_cpu", 0.0) for r in rs),
+                               "loss_last": _median([r.get("loss_last", float("nan")) for r in rs])}
+        for base in ("pipe_1f1b", "peer_1f1b"):
+            ratios = [rate[name, r["round"]] / rate[base, r["round"]] for r in rs if (base, r["round"]) in rate]
+            row[f"vs_{base}"] = _median(ratios)
+            row[f"vs_{base}_min"], row[f"vs_{base}_max"] = (min(ratios), max(ratios)) if ratios else (None, None)
+        stages = []
+        for k, first in enumerate(rs[0]["stages"]):
+            stage = {"stage": first["stage"]}
+            for key in first:
+                if key != "stage":
+                    stage[key] = _median([r["stages"][k][key] for r in rs])
+            if "utilization" in first:
+                stage["utilization_min"] = min(r["stages"][k]["utilization"] for r in rs)
+            stages.append(stage)
+        row["stages"] = stages
+        out[name] = row
+    return out
+
+
+def goals(cfg: Config, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's four goals, each with its measured value and verdict."""
+    n, m = cfg.stages, cfg.micro_batches
+    paci, flush = summary["paci"], summary["pipe_1f1b"]
+    util = min(s["utilization"] for s in paci["stages"])
+    memory = max(p["run_memory_bytes"] / f["run_memory_bytes"] for p, f in zip(paci["stages"], flush["stages"]))
+    rows = [("paci utilization, every stage (lowest stage, median over rounds)", util, 0.95),
+            ("paci / pipe_1f1b throughput", paci["vs_pipe_1f1b"], 0.95 * (m + n - 1) / m),
+            ("pipe_1f1b / peer_1f1b throughput", flush["vs_peer_1f1b"], 0.97)]
+    out = [{"goal": g, "value": v, "target": f">= {t:.4g}", "met": v >= t} for g, v, t in rows]
+    out.append({"goal": "paci / pipe_1f1b peak memory of the run, every stage (highest)", "value": memory,
+                "target": "<= 1.02", "met": memory <= 1.02})
+    return out
+
+
+def _costs(cfg: Config, summary: dict[str, Any], names: tuple[str, ...], path: Path) -> CostModel:
+    """Per-stage mean F/B/S seconds of the named runs (steady window, median over rounds), saved
+    in the simulator's --costs format."""
+    stages = [{key: statistics.fmean(summary[name]["stages"][k][key] for name in names)
+               for key in ("forward_s", "backward_s", "step_s")} for k in range(cfg.stages)]
+    path.write_text(json.dumps({"stages": stages, "transfer_s": 0.0}, indent=1) + "\n")
+    return CostModel.from_json({"stages": stages})
+
+
+def simulator_check(cfg: Config, summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The simulator fed ours' measured costs, two ways.
+
+    ``shared``: one cost per stage (mean of the pipe_1f1b and paci runs) for both schedules, the
+    simulator's own model of independent devices. ``own``: each schedule timed with the costs
+    measured in its own runs, which carry whatever slowdown running both stages at once causes.
+    """
+    m, tokens = cfg.micro_batches, cfg.batch_size * cfg.block_size / cfg.micro_batches
+    measured = summary["paci"]["vs_pipe_1f1b"]
+    shared = _costs(cfg, summary, ("pipe_1f1b", "paci"), out / "costs.json")
+    paci, flush = simulate_schedule("paci", shared, m), simulate_schedule("1f1b", shared, m)
+    own_paci = simulate_schedule("paci", _costs(cfg, summary, ("paci",), out / "costs_paci.json"), m)
+    own_flush = simulate_schedule("1f1b", _costs(cfg, summary, ("pipe_1f1b",), out / "costs_pipe_1f1b.json"), m)
+    out_rows = {}
+    for label, (p, f) in (("shared", (paci, flush)), ("own", (own_paci, own_flush))):
+        ratio = p.rate() / f.rate()
+        out_rows[label] = {"predicted_paci_vs_pipe_1f1b": ratio, "relative_error": ratio / measured - 1.0,
+                           "predicted_tokens_per_s": {"paci": p.rate() * tokens, "pipe_1f1b": f.rate() * tokens},
+                           "predicted_utilization_paci": [st.steady_utilization for st in p.stages]}
+    return {"costs": str(out / "costs.json"), "measured_paci_vs_pipe_1f1b": measured, **out_rows,
+            "_results": (paci, flush)}
+
+
+def _steady_slice(events: list[TimelineEvent], n: int, m: int, k0: int, k1: int) -> list[TimelineEvent]:
+    """Batches k0..k1-1: from the end of the last stage's B(k0*m - 1) to that of B(k1*m - 1), from 0."""
+    ends = {e.action: e.end for e in events if e.stage == n - 1 and e.category == "backward"}
+    t0, t1 = ends[f"B{k0 * m - 1}"], ends[f"B{k1 * m - 1}"]
+    return [e._replace(start=max(e.start, t0) - t0, end=min(e.end, t1) - t0) for e in events
+            if e.end > t0 and e.start < t1]
+
+
+def draw(cfg: Config, timelines: dict[str, list[TimelineEvent]], sim: tuple, out: Path) -> dict[str, str]:
+    n, m, k0 = cfg.stages, cfg.micro_batches, cfg.warmup_steps
+    paci, flush = sim
+    panels = {f"measured {name}": _steady_slice(timelines[name], n, m, k0, k0 + 2)
+              for name in ("paci", "pipe_1f1b", "peer_1f1b") if name in timelines}
+    for label, result in (("simulated paci", paci), ("simulated pipe_1f1b", flush)):
+        panels[f"{label} (measured costs)"] = _steady_slice(list(result.events), n, m, 2, 4)
+    gantt = plot_gantt(panels, out / "gantt.png")
+    trace = write_chrome_trace({**{f"measured {k}": v for k, v in timelines.items()},
+                                "simulated paci": paci.events, "simulated pipe_1f1b": flush.events},
+                               out / "trace.json")
+    return {"gantt": str(gantt), "trace": str(trace)}
+
+
+def _machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+            "backend": "gloo", "platform": platform.platform()}
+
+
+def table(cfg: Config, summary: dict[str, Any]) -> str:
+    """The Markdown table of BENCHMARKS.md."""
+    head = ("| run | tokens/s median [min, max] | vs pipe_1f1b | vs peer_1f1b | utilization per stage | "
+            "bubble per stage | peak MiB per stage: run (heap) | max drift | last loss |")
+    lines = [head, "|" + "---|" * 9]
+    for name in PIPELINES + SINGLES:
+        if name not in summary:
+            continue
+        row, stages = summary[name], summary[name]["stages"]
+
+        def col(key: str, fmt: str) -> str:
+            return " / ".join(fmt.format(s[key]) for s in stages) if key in stages[0] else "-"
+
+        mib = " / ".join(f"{s['run_memory_bytes'] / 2**20:.1f} ({s['peak_memory_bytes'] / 2**20:.0f})"
+                         for s in stages)
+        lines.append(f"| {name} | {row['tokens_per_s']:.0f} [{row['tokens_per_s_min']:.0f}, "
+                     f"{row['tokens_per_s_max']:.0f}] | {row['vs_pipe_1f1b']:.3f} | {row['vs_peer_1f1b']:.3f} | "
+                     f"{col('utilization', '{:.3f}')} | {col('bubble_fraction', '{:.3f}')} | {mib} | "
+                     f"{col('max_drift', '{:.0f}')} | {row['loss_last']:.4f} |")
+    return "\n".join(lines)
+
+
+def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timelines: dict[str, Any],
+           rounds: list[dict[str, float]]) -> None:
+    """Summarize, print the table and verdicts, write benchmark.json, costs, Gantt chart and trace."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    concurrency = {key: _median([c[key] for c in rounds]) for key in rounds[0]}
+    concurrency["parallel_speedup_per_round"] = [c["parallel_speedup"] for c in rounds]
+    summary = summarize(cfg, runs)
+    sim = simulator_check(cfg, summary, out)
+    artifacts = draw(cfg, timelines, sim.pop("_results"), out)
+    result = {
+        "command": " ".join(["python", "recipes/benchmark.py", *sys.argv[1:]]),
+        "config": dataclasses.asdict(cfg), "machine": {**_machine(), "concurrency": concurrency},
+        "model": model,
+        "tokens_per_step": cfg.batch_size * cfg.block_size,
+        "ideal_paci_vs_pipe_1f1b": (cfg.micro_batches + cfg.stages - 1) / cfg.micro_batches,
+        "summary": summary, "goals": goals(cfg, summary), "simulator": sim, "artifacts": artifacts, "runs": runs,
+    }
+    path = out / "benchmark.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print("\n" + table(cfg, summary) + "\n")
+    for g in result["goals"]:
+        print(f"{'MET   ' if g['met'] else 'MISSED'} {g['goal']}: {g['value']:.4f} (target {g['target']})")
+    for label in ("shared", "own"):
+        row = sim[label]
+        print(f"simulator ({label} costs): paci / pipe_1f1b predicted {row['predicted_paci_vs_pipe_1f1b']:.4f}, "
+              f"measured {sim['measured_paci_vs_pipe_1f1b']:.4f} ({100 * row['relative_error']:+.1f}%)")
+    speedups = ", ".join(f"{v:.2f}" for v in concurrency["parallel_speedup_per_round"])
+    print(f"machine: {cfg.stages} single-thread processes at once run {concurrency['slowdown']:.2f}x slower each "
+          f"than alone (median; parallel speedup per round {speedups} of {cfg.stages})")
+    noisy = [f"{r['name']}#{r['round']}" for r in runs if r["foreign_cpu"] > 0.05]
+    if noisy:
+        print(f"WARNING: other processes used more than 5% of the CPU during {', '.join(noisy)}: rerun when quiet")
+    print(f"wrote {path}, {artifacts['gantt']}, {artifacts['trace']}")

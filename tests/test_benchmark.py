@@ -1,0 +1,96 @@
+"""recipes/benchmark.py: a tiny configuration end to end, and its summary arithmetic.
+
+No timing is asserted here: the speed goals are read from the benchmark's own numbers
+(BENCHMARKS.md), never from timed tests on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipes.benchmark import parse
+from recipes.benchmark_report import OURS, PIPELINES, SINGLES, goals, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch-size", "8",
+        "--steps", "4", "--warmup-steps", "1", "--rounds", "1", "--max-bytes", "300000", "--quiet-wait-s", "0"]
+STAGE_KEYS = {"stage", "utilization", "bubble_fraction", "peak_memory_bytes", "run_memory_bytes", "max_drift",
+              "forward_s", "backward_s", "step_s"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "recipes" / "benchmark.py"), *TINY, "--out", str(out),
+           "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "benchmark.json").read_text())
+
+    fields = {"command", "config", "machine", "model", "summary", "goals", "simulator", "artifacts", "runs"}
+    assert fields <= set(result)
+    assert result["config"]["steps"] == 4 and result["machine"]["backend"] == "gloo"
+    assert len(result["runs"]) == len(PIPELINES) + len(SINGLES)
+    summary = result["summary"]
+    assert set(summary) == set(PIPELINES) | set(SINGLES)
+    for name, row in summary.items():
+        for key in ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "spread", "vs_pipe_1f1b",
+                    "vs_peer_1f1b", "loss_last"):
+            assert row[key] > 0 or key == "spread", (name, key)
+        if name in SINGLES:
+            assert row["stages"][0]["peak_memory_bytes"] > 0
+            continue
+        assert [s["stage"] for s in row["stages"]] == [0, 1]
+        for stage in row["stages"]:
+            assert STAGE_KEYS <= set(stage), (name, STAGE_KEYS - set(stage))
+            assert 0 < stage["utilization"] <= 1 and stage["peak_memory_bytes"] > 0
+    assert summary["pipe_1f1b"]["vs_pipe_1f1b"] == summary["peer_1f1b"]["vs_peer_1f1b"] == 1.0
+    # Same model, same batches: the synchronous runs end at the same loss (float32, different order of sums).
+    flush = [summary[name]["loss_last"] for name in ("peer_gpipe", "peer_1f1b", "pipe_gpipe", "pipe_1f1b")]
+    assert max(flush) - min(flush) < 1e-3, flush
+    # Drift is a property of the schedule, not of timing: PACI's first stage crosses one update.
+    assert [s["max_drift"] for s in summary["paci"]["stages"]] == [1, 0]
+    assert all(summary[name]["stages"][0]["max_drift"] == 0 for name in OURS if name != "paci")
+
+    assert len(result["goals"]) == 4 and all(isinstance(g["met"], bool) for g in result["goals"])
+    assert result["simulator"]["shared"]["predicted_paci_vs_pipe_1f1b"] > 1.0
+    assert result["machine"]["concurrency"]["parallel_speedup"] > 0
+    assert json.loads((out / "costs.json").read_text())["stages"][1]["backward_s"] > 0
+    for path in result["artifacts"].values():
+        assert Path(path).stat().st_size > 0
+    trace = json.loads((out / "trace.json").read_text())["traceEvents"]
+    assert {e["name"] for e in trace if e["ph"] == "X"} >= {"F0", "B0", "S"}
+
+
+def _run(name: str, r: int, tps: float, util: float = 1.0, memory: int = 100) -> dict:
+    stages = [{"stage": i, "utilization": util, "bubble_fraction": 1 - util, "peak_memory_bytes": memory,
+               "run_memory_bytes": memory, "max_drift": 0} for i in range(2)]
+    return {"name": name, "round": r, "tokens_per_s": tps, "loss_last": 1.0, "stages": stages}
+
+
+def test_ratios_are_taken_per_round_then_medianed() -> None:
+    cfg = parse(["--rounds", "3"])
+    runs = []
+    for r, scale in enumerate((1.0, 2.0, 0.5)):  # machine speed varies between rounds
+        runs += [_run("peer_1f1b", r, 100 * scale), _run("pipe_1f1b", r, 98 * scale),
+                 _run("paci", r, 122 * scale, util=0.97, memory=101)]
+    summary = summarize(cfg, runs)
+    assert summary["paci"]["vs_pipe_1f1b"] == pytest.approx(122 / 98)
+    assert summary["paci"]["vs_pipe_1f1b_min"] == pytest.approx(summary["paci"]["vs_pipe_1f1b_max"])
+    assert summary["pipe_1f1b"]["vs_peer_1f1b"] == pytest.approx(0.98)
+    assert summary["paci"]["tokens_per_s"] == 122 and summary["paci"]["spread"] == pytest.approx(1.5)
+    verdicts = {g["goal"].split(",")[0]: g["met"] for g in goals(cfg, summary)}
+    assert list(verdicts.values()) == [True, True, True, True]
+
+
+def test_bad_settings_fail_with_a_message() -> None:
+    with pytest.raises(SystemExit):
+        parse(["--batch-size", "6", "--micro-batches", "4"])
+    with pytest.raises(SystemExit):
+        parse(["--steps", "3", "--warmup-steps", "3"])
