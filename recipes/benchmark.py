@@ -33,9 +33,10 @@ Measures (run = one schedule in one round; steps 1..w are warm-up and are not ti
   each round starts by timing a micro-batch forward+backward on each process alone, then on all
   at once (``machine.concurrency``): whether the cores really run the stages in parallel.
 
-``--no-sigterm-broadcast`` removes the broadcast Lightning 2.6 makes before every training batch
-(``_TrainingEpochLoop._broadcast_sigterm_tensor``), a collective that makes every stage wait for
-the others once per batch; BENCHMARKS.md measures what it costs.
+``--lightning-sigterm-broadcast`` puts back, in our runs, the broadcast of rank 0's SIGTERM flag
+that Lightning 2.6 makes before every training batch and that PACIStrategy replaces by a local
+check: a collective that makes every stage wait for the others once per batch (BENCHMARKS.md
+measures what it costs).
 
 Writes ``<out>/benchmark.json`` (every number), ``<out>/costs*.json`` (per-stage F/B/S means of
 ours in the steady window, the simulator's input), ``<out>/gantt.png`` and ``<out>/trace.json``
@@ -97,9 +98,7 @@ class Config:
     rounds: int = 3
     threads: int = 1  # torch threads per stage process
     single: bool = True  # also time single-process training of the whole model
-    # False skips the SIGTERM broadcast Lightning 2.6 makes before every training batch: a collective
-    # that syncs all stages once per batch, i.e. a flush (BENCHMARKS.md; the strategy should avoid it)
-    sigterm_broadcast: bool = True
+    lightning_sigterm_broadcast: bool = False  # True: undo the strategy's removal of it (see above)
     max_bytes: int = 2_000_000  # corpus size (stdlib sources, byte tokens)
     cache_dir: str = "data_cache"
     out: str = "runs/benchmark"
@@ -124,6 +123,14 @@ class StepClock(L.Callback):
         self.losses.append(float(loss) if loss is not None else float("nan"))
         if self.memory is not None:
             self.memory.sample()
+
+
+class _LightningSigtermBroadcast(L.Callback):
+    """Drops the strategy's per-instance replacement of the loop's per-batch SIGTERM broadcast, so
+    Lightning's own (a collective before every batch) runs again: the before/after comparison."""
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
 
 class Bench:
@@ -184,6 +191,8 @@ class Bench:
                                 num_threads=self.cfg.threads, record_timeline=True, timeout_s=self.cfg.timeout_s)
         clock = StepClock()
         trainer = self._trainer(strategy, self.cfg.stages, clock)
+        if self.cfg.lightning_sigterm_broadcast:
+            trainer.callbacks.append(_LightningSigtermBroadcast())
         with contextlib.redirect_stdout(io.StringIO()):  # the partition table, once per fit
             trainer.fit(self.model(), train_dataloaders=self.data.train_dataloader())
         runtime = strategy.runtime
@@ -368,10 +377,6 @@ def _worker(rank: int, cfg: Config, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(cfg.stages), NODE_RANK="0")
     _quiet()
-    if not cfg.sigterm_broadcast:
-        from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
-
-        _TrainingEpochLoop._broadcast_sigterm_tensor = lambda self: None
     torch.set_num_threads(cfg.threads)
     dist.init_process_group("gloo", rank=rank, world_size=cfg.stages, timeout=timedelta(seconds=cfg.timeout_s))
     bench, runs, timelines, concurrency = Bench(cfg, rank), [], {}, []
