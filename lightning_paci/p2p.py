@@ -16,6 +16,13 @@ guess with placeholder tensors of the old shapes, then sends the message again, 
 receiver (seeing a new header) receives with the right shapes. The first message of a link is
 received header first.
 
+Receives are posted early where the order of messages makes it safe: the receive of the next
+activation message right after a forward that another forward of the same batch follows, and the
+receive of a forward's gradients right after its activations are sent (every forward's backward
+runs before the next drain ends, in forward order). gloo then moves the message while this stage
+computes instead of when it asks for it; on the 2-core benchmark this raised PACI's utilization
+from 0.89 to 0.93-0.95 per stage.
+
 Sends are non-blocking; a send is waited for only when too many are outstanding or at a drain,
 oldest first. That never deadlocks: the receiver consumes messages in the order they were sent and
 needs nothing unsent to reach the oldest one.
@@ -87,6 +94,9 @@ class StageLink:
         self._pending: deque[tuple[dist.Work, list[Tensor]]] = deque()
         self._sent_header: list[int] | None = None  # the last activation header each way (sticky shapes)
         self._received_header: list[int] | None = None
+        # Receives posted before the action that needs them (expect_activations / expect_grads).
+        self._early_activations: tuple[Tensor, list[Tensor], list[dist.Work]] | None = None
+        self._early_grads: deque[tuple[list[Tensor], list[dist.Work]]] = deque()
 
     # -- activations -------------------------------------------------------------------------
     def send_activations(self, tensors: list[Tensor]) -> None:
@@ -104,10 +114,24 @@ class StageLink:
         self._sent_header = fields
         self._send([header] + [t.detach().contiguous() for t in tensors], self.next_rank)
 
+    def expect_activations(self) -> None:
+        """Post the next activation message's receive now, shaped like the last one, so that gloo
+        moves it while this stage computes. Only for a message that surely comes before the next
+        drain (the runtime calls it when another forward follows in the same batch)."""
+        if self._early_activations is None and self._received_header is not None:
+            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            guess = self._empty(self._received_header)
+            self._early_activations = (header, guess, self._post([header] + guess, self.prev_rank))
+
     def recv_activations(self) -> list[Tensor]:
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-        guess = self._empty(self._received_header) if self._received_header is not None else []
-        self._recv([header] + guess, self.prev_rank)
+        if self._early_activations is not None:
+            (header, guess, works), self._early_activations = self._early_activations, None
+            for w in works:
+                self._wait(w, f"receiving from rank {self.prev_rank}", "recv")
+        else:
+            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            guess = self._empty(self._received_header) if self._received_header is not None else []
+            self._recv([header] + guess, self.prev_rank)
         fields = header.tolist()
         if fields == self._received_header:
             return guess
@@ -131,11 +155,24 @@ class StageLink:
         loss = loss.detach().reshape(1).to(device=self.device, dtype=torch.float64)
         self._send([g.contiguous() for g in grads] + [loss], self.prev_rank)
 
-    def recv_grads(self, outputs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def expect_grads(self, outputs: list[Tensor]) -> None:
+        """Post the receive of the gradients for ``outputs`` (just sent on) now. Backwards run in
+        forward order and every forward's backward runs before a drain ends, so ``recv_grads``
+        takes these in FIFO order and none is left posted."""
         buffers = [torch.empty_like(o) for o in outputs]
         buffers.append(torch.empty(1, dtype=torch.float64, device=self.device))
-        received = self._recv(buffers, self.next_rank)
-        return received[:-1], received[-1]
+        self._early_grads.append((buffers, self._post(buffers, self.next_rank)))
+
+    def recv_grads(self, outputs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        if self._early_grads:
+            buffers, works = self._early_grads.popleft()
+            for w in works:
+                self._wait(w, f"receiving from rank {self.next_rank}", "recv")
+        else:
+            buffers = [torch.empty_like(o) for o in outputs]
+            buffers.append(torch.empty(1, dtype=torch.float64, device=self.device))
+            self._recv(buffers, self.next_rank)
+        return buffers[:-1], buffers[-1]
 
     # -- plumbing --------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -150,10 +187,12 @@ class StageLink:
         while len(self._pending) > _MAX_PENDING_SENDS:
             self._wait_oldest_send()
 
-    def _recv(self, buffers: list[Tensor], peer: int | None) -> list[Tensor]:
+    def _post(self, buffers: list[Tensor], peer: int | None) -> list[dist.Work]:
         assert peer is not None, f"stage {self.stage} has no neighbour to receive from"
-        works = [dist.irecv(b, peer, group=self.group) for b in buffers]
-        for w in works:
+        return [dist.irecv(b, peer, group=self.group) for b in buffers]
+
+    def _recv(self, buffers: list[Tensor], peer: int | None) -> list[Tensor]:
+        for w in self._post(buffers, peer):
             self._wait(w, f"receiving from rank {peer}", "recv")
         return buffers
 

@@ -183,6 +183,8 @@ class StageRuntime:
 
     # -- the table of handlers -------------------------------------------------------------------------
     def _run(self, actions: tuple[Action, ...], where: str) -> None:
+        # After a forward, the next forward's input is received early if it comes in this same list.
+        last_forward = max((k for k, a in enumerate(actions) if a.kind == "F"), default=-1)
         for index, action in enumerate(actions):
             handler = self.handlers.get(action.kind)
             if self.timeline is not None:
@@ -200,6 +202,8 @@ class StageRuntime:
                 report_failure(note)
                 marked = " ".join(f"[{a}]" if k == index else str(a) for k, a in enumerate(actions))
                 raise PipelineError(f"{note}\nstage {self.stage} actions for {where}: {marked}") from error
+            if action.kind == "F" and self.stage > 0 and index < last_forward:
+                self.link.expect_activations()
             t1 = time.perf_counter()
             compute = (t1 - t0) - (self.link.wait_s - wait0)
             self.busy_s += compute
@@ -233,6 +237,7 @@ class StageRuntime:
         if out is not None:
             self.link.send_activations(out)
             outputs = [t for t in out if t.is_floating_point()]
+            self.link.expect_grads(outputs)
         else:
             loss = _loss_of(result)
             self._losses.append(loss.detach())
