@@ -74,8 +74,9 @@ from torch import nn
 from lightning_paci import PACIStrategy
 from lightning_paci.memory import PeakMemory
 from lightning_paci.partition import partition_model
+from lightning_paci.schedules import PlanSpec
 from lightning_paci.timeline import TimelineEvent
-from recipes.benchmark_report import OURS, PEERS, PIPELINES, SINGLES, report
+from recipes.benchmark_report import OURS, PEERS, PIPELINES, SINGLES, report, time_budget
 from recipes.data import StdlibCorpus
 from recipes.gpt import GPT
 
@@ -169,6 +170,11 @@ class Bench:
             s["utilization"] = busy / (window[1] - window[0])
             s["bubble_fraction"] = 1.0 - s["utilization"]
             s.update(_mean_costs([e for e in timeline if e.stage == s["stage"]], window))
+            if name in OURS:  # the idle time split into waits, the runtime's bookkeeping, the trainer's loop
+                spec = PlanSpec(OURS[name], self.cfg.stages, self.cfg.micro_batches, self.cfg.micro_batches)
+                starts = {str(spec.batch(s["stage"], k)[0]) for k in range(self.cfg.steps)}
+                mine = [e for e in timeline if e.stage == s["stage"]]
+                s.update({f"{k}_fraction": v for k, v in time_budget(mine, starts, window).items()})
         return {"name": name, "tokens_per_s": self._rate(ends), **_losses(losses), "stages": stats,
                 "timeline": timeline}
 

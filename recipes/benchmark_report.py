@@ -80,6 +80,30 @@ def goals(cfg: Config, summary: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def time_budget(events: list[TimelineEvent], batch_starts: set[str], window: tuple[float, float]) -> dict[str, float]:
+    """Where one stage's time in ``window`` went, as fractions summing to 1.
+
+    ``compute``: inside forward/backward/step; ``wait``: blocked on a neighbour (recv/send);
+    ``between_batches``: before the first action of a batch (``batch_starts``, e.g. ``{"F4"}``),
+    which is the trainer's loop (hooks, logging, the next batch) since the previous batch's last
+    action; ``between_actions``: the runtime's own bookkeeping between two actions of a batch.
+    """
+    length = window[1] - window[0]
+    budget = dict.fromkeys(("compute", "wait", "between_actions", "between_batches"), 0.0)
+    cursor = window[0]
+    for e in sorted(events, key=lambda e: e.start):
+        if e.end <= window[0] or e.start >= window[1]:
+            continue
+        start, end = max(e.start, window[0]), min(e.end, window[1])
+        if start > cursor:  # untimed gap before this event
+            action = e.action.split(" ")[-1]  # "recv F4" waits for F4's input
+            budget["between_batches" if action in batch_starts else "between_actions"] += start - cursor
+        budget["wait" if e.category == "wait" else "compute"] += end - max(start, cursor)
+        cursor = max(cursor, end)
+    budget["between_actions"] += max(0.0, window[1] - cursor)
+    return {key: value / length for key, value in budget.items()}
+
+
 def _costs(cfg: Config, summary: dict[str, Any], names: tuple[str, ...], path: Path) -> CostModel:
     """Per-stage mean F/B/S seconds of the named runs (steady window, median over rounds), saved
     in the simulator's --costs format."""
@@ -192,6 +216,13 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
         row = sim[label]
         print(f"simulator ({label} costs): paci / pipe_1f1b predicted {row['predicted_paci_vs_pipe_1f1b']:.4f}, "
               f"measured {sim['measured_paci_vs_pipe_1f1b']:.4f} ({100 * row['relative_error']:+.1f}%)")
+    for name in ("paci", "pipe_1f1b"):
+        for st in summary[name]["stages"]:
+            if "wait_fraction" in st:
+                print(f"{name} stage {st['stage']} time: compute {st['compute_fraction']:.3f}, waiting for a "
+                      f"neighbour {st['wait_fraction']:.3f}, runtime between actions "
+                      f"{st['between_actions_fraction']:.3f}, trainer loop between batches "
+                      f"{st['between_batches_fraction']:.3f}")
     speedups = ", ".join(f"{v:.2f}" for v in concurrency["parallel_speedup_per_round"])
     print(f"machine: {cfg.stages} single-thread processes at once run {concurrency['slowdown']:.2f}x slower each "
           f"than alone (median; parallel speedup per round {speedups} of {cfg.stages})")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from recipes.benchmark import parse
-from recipes.benchmark_report import OURS, PIPELINES, SINGLES, goals, summarize
+from lightning_paci.timeline import TimelineEvent
+from recipes.benchmark_report import OURS, PIPELINES, SINGLES, goals, summarize, time_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch-size", "8",
@@ -64,6 +65,11 @@ def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
     assert json.loads((out / "costs.json").read_text())["stages"][1]["backward_s"] > 0
     for path in result["artifacts"].values():
         assert Path(path).stat().st_size > 0
+    for name in OURS:  # the idle time is split up, and the parts add up to the whole window
+        for stage in summary[name]["stages"]:
+            parts = [stage[f"{k}_fraction"] for k in ("compute", "wait", "between_actions", "between_batches")]
+            assert sum(parts) == pytest.approx(1.0, abs=0.02) and min(parts) >= 0, (name, parts)
+            assert stage["compute_fraction"] == pytest.approx(stage["utilization"], abs=0.02)
     trace = json.loads((out / "trace.json").read_text())["traceEvents"]
     assert {e["name"] for e in trace if e["ph"] == "X"} >= {"F0", "B0", "S"}
 
@@ -94,3 +100,16 @@ def test_bad_settings_fail_with_a_message() -> None:
         parse(["--batch-size", "6", "--micro-batches", "4"])
     with pytest.raises(SystemExit):
         parse(["--steps", "3", "--warmup-steps", "3"])
+
+
+def test_time_budget_splits_idle_time_into_waits_bookkeeping_and_the_loop() -> None:
+    events = [TimelineEvent(0, "F0", 1.0, 3.0), TimelineEvent(0, "recv B0", 3.5, 4.0),
+              TimelineEvent(0, "B0", 4.0, 6.0), TimelineEvent(0, "S", 6.0, 7.0),
+              TimelineEvent(0, "recv F1", 9.0, 9.5), TimelineEvent(0, "F1", 9.5, 11.0)]
+    budget = time_budget(events, {"F0", "F1"}, (0.0, 12.0))
+    # 0-1 and 7-9: before a batch's first action (the trainer's loop); 3-3.5 and 11-12: bookkeeping.
+    assert budget == pytest.approx({"compute": 6.5 / 12, "wait": 1.0 / 12, "between_actions": 1.5 / 12,
+                                    "between_batches": 3.0 / 12})
+    clipped = time_budget(events, {"F0", "F1"}, (2.0, 5.0))  # events cut at the window's edges
+    assert clipped == pytest.approx({"compute": 2.0 / 3, "wait": 0.5 / 3, "between_actions": 0.5 / 3,
+                                     "between_batches": 0.0})
