@@ -40,6 +40,8 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
     for run in runs:
         by_name.setdefault(run["name"], []).append(run)
     rate = {(r["name"], r["round"]): r["tokens_per_s"] for r in runs}
+    for run in runs:
+        _add_balance_ceiling(cfg, run["stages"])
     out = {}
     for name, rs in by_name.items():
         tps = [r["tokens_per_s"] for r in rs]
@@ -63,6 +65,16 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
         row["stages"] = stages
         out[name] = row
     return out
+
+
+def _add_balance_ceiling(cfg: Config, stages: list[dict[str, Any]]) -> None:
+    """``balance_ceiling``: a stage's compute per batch over the busiest stage's, from the run's mean
+    action costs. A stage cannot be busier than that: it waits for the slower one."""
+    if not all("forward_s" in s for s in stages):
+        return
+    work = [cfg.micro_batches * (s["forward_s"] + s["backward_s"]) + s["step_s"] for s in stages]
+    for s, w in zip(stages, work):
+        s["balance_ceiling"] = w / max(max(work), 1e-12)
 
 
 def goals(cfg: Config, summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -222,7 +234,7 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
                 print(f"{name} stage {st['stage']} time: compute {st['compute_fraction']:.3f}, waiting for a "
                       f"neighbour {st['wait_fraction']:.3f}, runtime between actions "
                       f"{st['between_actions_fraction']:.3f}, trainer loop between batches "
-                      f"{st['between_batches_fraction']:.3f}")
+                      f"{st['between_batches_fraction']:.3f}; balance ceiling {st['balance_ceiling']:.3f}")
     speedups = ", ".join(f"{v:.2f}" for v in concurrency["parallel_speedup_per_round"])
     print(f"machine: {cfg.stages} single-thread processes at once run {concurrency['slowdown']:.2f}x slower each "
           f"than alone (median; parallel speedup per round {speedups} of {cfg.stages})")

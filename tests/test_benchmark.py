@@ -70,6 +70,7 @@ def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
             parts = [stage[f"{k}_fraction"] for k in ("compute", "wait", "between_actions", "between_batches")]
             assert sum(parts) == pytest.approx(1.0, abs=0.02) and min(parts) >= 0, (name, parts)
             assert stage["compute_fraction"] == pytest.approx(stage["utilization"], abs=0.02)
+        assert max(s["balance_ceiling"] for s in summary[name]["stages"]) == pytest.approx(1.0, abs=0.2)
     trace = json.loads((out / "trace.json").read_text())["traceEvents"]
     assert {e["name"] for e in trace if e["ph"] == "X"} >= {"F0", "B0", "S"}
 
@@ -113,3 +114,13 @@ def test_time_budget_splits_idle_time_into_waits_bookkeeping_and_the_loop() -> N
     clipped = time_budget(events, {"F0", "F1"}, (2.0, 5.0))  # events cut at the window's edges
     assert clipped == pytest.approx({"compute": 2.0 / 3, "wait": 0.5 / 3, "between_actions": 0.5 / 3,
                                      "between_batches": 0.0})
+
+
+def test_balance_ceiling_is_each_stages_work_over_the_busiest_stages() -> None:
+    cfg = parse(["--rounds", "1", "--micro-batches", "4"])
+    run = _run("paci", 0, 100.0)
+    costs = [(0.020, 0.040, 0.010), (0.025, 0.045, 0.010)]  # per batch: 4 x 60 + 10 = 250 ms, 4 x 70 + 10 = 290 ms
+    for stage, (f, b, step) in zip(run["stages"], costs):
+        stage.update(forward_s=f, backward_s=b, step_s=step)
+    ceilings = [s["balance_ceiling"] for s in summarize(cfg, [run])["paci"]["stages"]]
+    assert ceilings == pytest.approx([250 / 290, 1.0])
