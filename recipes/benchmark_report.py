@@ -92,7 +92,8 @@ def goals(cfg: Config, summary: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def time_budget(events: list[TimelineEvent], batch_starts: set[str], window: tuple[float, float]) -> dict[str, float]:
+def time_budget(events: list[TimelineEvent], batch_starts: set[str],
+                window: tuple[float, float]) -> dict[str, float]:
     """Where one stage's time in ``window`` went, as fractions summing to 1.
 
     ``compute``: inside forward/backward/step; ``wait``: blocked on a neighbour (recv/send);

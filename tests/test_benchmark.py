@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.benchmark import parse
 from lightning_paci.timeline import TimelineEvent
+from recipes.benchmark import parse
 from recipes.benchmark_report import OURS, PIPELINES, SINGLES, goals, summarize, time_budget
 
 ROOT = Path(__file__).resolve().parents[1]
