@@ -103,7 +103,7 @@ class StageView:
     """Hooks that turn one process's copy of the model into stage ``stage`` of the pipeline."""
 
     def __init__(self, model: nn.Module, units: dict[str, int], stage: int, n_stages: int) -> None:
-        self.stage, self.n_stages = stage, n_stages
+        self.model, self.stage, self.n_stages = model, stage, n_stages
         self.prefix = MetaPrefix()
         self._received: list[Tensor] | None = None
         self._modules = dict(model.named_modules())

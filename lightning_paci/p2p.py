@@ -17,7 +17,7 @@ receiver (seeing a new header) receives with the right shapes. The first message
 received header first.
 
 Receives are posted early where the order of messages makes it safe: the receive of the next
-activation message right after a forward that another forward of the same batch follows, and the
+activation message as soon as a forward has its input and another forward of the batch follows, and the
 receive of a forward's gradients right after its activations are sent (every forward's backward
 runs before the next drain ends, in forward order). gloo then moves the message while this stage
 computes instead of when it asks for it; on the 2-core benchmark this raised PACI's utilization
@@ -117,21 +117,16 @@ class StageLink:
     def expect_activations(self) -> None:
         """Post the next activation message's receive now, shaped like the last one, so that gloo
         moves it while this stage computes. Only for a message that surely comes before the next
-        drain (the runtime calls it when another forward follows in the same batch)."""
-        if self._early_activations is None and self._received_header is not None:
+        drain (the runtime posts one while another forward of the same batch follows)."""
+        if self._early_activations is None:
             header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            guess = self._empty(self._received_header)
+            guess = self._empty(self._received_header) if self._received_header is not None else []
             self._early_activations = (header, guess, self._post([header] + guess, self.prev_rank))
 
     def recv_activations(self) -> list[Tensor]:
-        if self._early_activations is not None:
-            (header, guess, works), self._early_activations = self._early_activations, None
-            for w in works:
-                self._wait(w, f"receiving from rank {self.prev_rank}", "recv")
-        else:
-            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            guess = self._empty(self._received_header) if self._received_header is not None else []
-            self._recv([header] + guess, self.prev_rank)
+        self.expect_activations()
+        (header, guess, works), self._early_activations = self._early_activations, None
+        self._wait_all(works, self.prev_rank)
         fields = header.tolist()
         if fields == self._received_header:
             return guess
@@ -164,14 +159,10 @@ class StageLink:
         self._early_grads.append((buffers, self._post(buffers, self.next_rank)))
 
     def recv_grads(self, outputs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        if self._early_grads:
-            buffers, works = self._early_grads.popleft()
-            for w in works:
-                self._wait(w, f"receiving from rank {self.next_rank}", "recv")
-        else:
-            buffers = [torch.empty_like(o) for o in outputs]
-            buffers.append(torch.empty(1, dtype=torch.float64, device=self.device))
-            self._recv(buffers, self.next_rank)
+        if not self._early_grads:
+            self.expect_grads(outputs)
+        buffers, works = self._early_grads.popleft()
+        self._wait_all(works, self.next_rank)
         return buffers[:-1], buffers[-1]
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -192,9 +183,12 @@ class StageLink:
         return [dist.irecv(b, peer, group=self.group) for b in buffers]
 
     def _recv(self, buffers: list[Tensor], peer: int | None) -> list[Tensor]:
-        for w in self._post(buffers, peer):
-            self._wait(w, f"receiving from rank {peer}", "recv")
+        self._wait_all(self._post(buffers, peer), peer)
         return buffers
+
+    def _wait_all(self, works: list[dist.Work], peer: int | None) -> None:
+        for w in works:
+            self._wait(w, f"receiving from rank {peer}", "recv")
 
     def _wait_oldest_send(self) -> None:
         work, _ = self._pending.popleft()

@@ -183,8 +183,6 @@ class StageRuntime:
 
     # -- the table of handlers -------------------------------------------------------------------------
     def _run(self, actions: tuple[Action, ...], where: str) -> None:
-        # After a forward, the next forward's input is received early if it comes in this same list.
-        last_forward = max((k for k, a in enumerate(actions) if a.kind == "F"), default=-1)
         for index, action in enumerate(actions):
             handler = self.handlers.get(action.kind)
             if self.timeline is not None:
@@ -202,8 +200,6 @@ class StageRuntime:
                 report_failure(note)
                 marked = " ".join(f"[{a}]" if k == index else str(a) for k, a in enumerate(actions))
                 raise PipelineError(f"{note}\nstage {self.stage} actions for {where}: {marked}") from error
-            if action.kind == "F" and self.stage > 0 and index < last_forward:
-                self.link.expect_activations()
             t1 = time.perf_counter()
             compute = (t1 - t0) - (self.link.wait_s - wait0)
             self.busy_s += compute
@@ -228,6 +224,8 @@ class StageRuntime:
     def _forward(self, j: int) -> None:
         part = self._micro[j - self._first]
         received = self.link.recv_activations() if self.stage > 0 else []
+        if self.stage > 0 and j + 1 < self._first + len(self._micro):
+            self.link.expect_activations()  # the batch's next forward follows: gloo receives it meanwhile
         for t in received:
             if t.is_floating_point():
                 t.requires_grad_(True)

@@ -117,7 +117,6 @@ class PACIStrategy(ParallelStrategy):
         self._aliases: list[tuple[nn.Parameter, nn.Parameter]] = []
         self._schedulers: list[Any] = []
         self._view: StageView | None = None
-        self._viewed: LightningModule | None = None
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
         self.telemetry: list[dict[str, Any]] | None = None
@@ -247,9 +246,9 @@ class PACIStrategy(ParallelStrategy):
             print(f"lightning_paci: {self.schedule} over {self.n_stages} stages, "
                   f"{self.micro_batches} micro-batches per batch\n{self.partition.table()}", flush=True)
         self.model = self.precision_plugin.convert_module(module)
-        if self._view is None or self._viewed is not module:  # a later validate/test reuses the view
+        if self._view is None or self._view.model is not module:  # a later validate/test reuses the view
             units = dict(zip(self.partition.units, self.partition.stage_of))
-            self._view, self._viewed = StageView(module, units, self.stage, self.n_stages), module
+            self._view = StageView(module, units, self.stage, self.n_stages)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
