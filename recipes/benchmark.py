@@ -166,15 +166,17 @@ class Bench:
         timeline = [e for _, _, evs in gathered for e in evs]
         window = (ends[self.cfg.warmup_steps - 1], ends[self.cfg.steps - 1])
         for s in stats:
-            busy = sum(_overlap(e, window) for e in timeline if e.stage == s["stage"] and e.category != "wait")
-            s["utilization"] = busy / (window[1] - window[0])
-            s["bubble_fraction"] = 1.0 - s["utilization"]
-            s.update(_mean_costs([e for e in timeline if e.stage == s["stage"]], window))
-            if name in OURS:  # the idle time split into waits, the runtime's bookkeeping, the trainer's loop
+            mine = [e for e in timeline if e.stage == s["stage"]]
+            starts: set[str] = set()  # ours: the first action of every batch (the peer has no such split)
+            if name in OURS:
                 spec = PlanSpec(OURS[name], self.cfg.stages, self.cfg.micro_batches, self.cfg.micro_batches)
                 starts = {str(spec.batch(s["stage"], k)[0]) for k in range(self.cfg.steps)}
-                mine = [e for e in timeline if e.stage == s["stage"]]
-                s.update({f"{k}_fraction": v for k, v in time_budget(mine, starts, window).items()})
+            budget = time_budget(mine, starts, window)
+            s["utilization"] = budget["compute"]
+            s["bubble_fraction"] = 1.0 - s["utilization"]
+            s.update(_mean_costs(mine, window))
+            if name in OURS:  # the idle time split into waits, the runtime's bookkeeping, the trainer's loop
+                s.update({f"{k}_fraction": v for k, v in budget.items()})
         return {"name": name, "tokens_per_s": self._rate(ends), **_losses(losses), "stages": stats,
                 "timeline": timeline}
 
@@ -363,10 +365,6 @@ def _losses(losses: list[float]) -> dict[str, float]:
     """First and last step's training loss: equal across schedules that train the same model on the
     same batches synchronously (a check that all runs do the same work)."""
     return {"loss_first": losses[0], "loss_last": losses[-1]}
-
-
-def _overlap(e: TimelineEvent, window: tuple[float, float]) -> float:
-    return max(0.0, min(e.end, window[1]) - max(e.start, window[0]))
 
 
 def _mean_costs(events: list[TimelineEvent], window: tuple[float, float]) -> dict[str, float]:
