@@ -50,7 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +112,12 @@ class CostModel:
         return cls(columns["forward_s"], columns["backward_s"], columns["step_s"], transfer)
 
 
-def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False) -> tuple[TimelineEvent, ...]:
+def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False,
+             durations: Sequence[Sequence[float]] | None = None) -> tuple[TimelineEvent, ...]:
     """Earliest-start timeline of ``plan``; ``record_waits`` adds "recv" events for idle gaps.
+
+    ``durations``, one list per stage with one value per action of its plan, replaces the cost
+    model's per-stage means (``costs`` then gives only the transfer): see :func:`replay`.
 
     Stages are swept repeatedly, each advancing while its next action's input has ended; every
     action's start is then final because it depends only on already-timed actions.
@@ -121,6 +125,9 @@ def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False) -> tuple[
     n = plan.n_stages
     if costs.n_stages != n:
         raise ValueError(f"cost model has {costs.n_stages} stages, plan has {n}")
+    if durations is not None and [len(d) for d in durations] != [len(a) for a in plan.stages]:
+        raise ValueError(f"durations give {[len(d) for d in durations]} actions per stage, the plan has "
+                         f"{[len(a) for a in plan.stages]}")
     duration = {FORWARD: costs.forward, BACKWARD: costs.backward, STEP: costs.step}
     cursor, clock = [0] * n, [0.0] * n
     ended: list[dict] = [{} for _ in range(n)]
@@ -139,7 +146,8 @@ def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False) -> tuple[
                     start = max(start, ended[source][action] + costs.transfer)
                 if record_waits and start > clock[i]:
                     events.append(TimelineEvent(i, "recv", clock[i], start))
-                clock[i] = ended[i][action] = start + duration[action.kind][i]
+                took = duration[action.kind][i] if durations is None else durations[i][cursor[i]]
+                clock[i] = ended[i][action] = start + took
                 events.append(TimelineEvent(i, str(action), start, clock[i]))
                 cursor[i] += 1
                 progress = True
@@ -147,6 +155,31 @@ def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False) -> tuple[
     if stuck:
         raise ValueError(f"plan deadlocks at stage {stuck[0]}\n" + plan.grid(mark=(stuck[0], cursor[stuck[0]])))
     return tuple(events)
+
+
+def replay(plan: Plan, timeline: Iterable[TimelineEvent], transfer: float = 0.0) -> tuple[TimelineEvent, ...]:
+    """``plan`` re-timed with the durations a real run measured for each of its actions.
+
+    ``timeline`` is the run's (the runtime's ``record_timeline``; waits and other events are
+    ignored); its forwards, backwards and steps must be the plan's, in order. The result is the
+    timeline the same compute would have had with nothing between actions and ``transfer`` per
+    hop: what the schedule allows given the run's own action times, their jitter included. The
+    run's measured timeline minus this one is the time its runtime, trainer and messages cost.
+    """
+    events = sorted(timeline, key=lambda e: e.start)
+    durations = []
+    for i, actions in enumerate(plan.stages):
+        mine = [e for e in events if e.stage == i and e.category in ("forward", "backward", "step")]
+        expected = [str(a) for a in actions]
+        got = [e.action.split(" ", 1)[0] for e in mine]
+        if got != expected:
+            at = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+            raise ValueError(f"stage {i}'s timeline does not follow the plan: action {at} is "
+                             f"{got[at] if at < len(got) else 'missing'}, the plan has "
+                             f"{expected[at] if at < len(expected) else 'nothing'} ({len(got)} actions "
+                             f"recorded, {len(expected)} planned)")
+        durations.append([e.duration for e in mine])
+    return run_plan(plan, CostModel.uniform(plan.n_stages, transfer=transfer), durations=durations)
 
 
 def steady_batches(n_batches: int, micro_batches: int, n_stages: int) -> tuple[int, int] | None:

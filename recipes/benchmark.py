@@ -14,8 +14,10 @@ GPT (same initialisation), the same stage split, the same batches and one thread
 - ``single_1thread``, ``single_allcores``: ``Trainer.fit`` of the whole model on one device in
   rank 0's process, with one thread and with every core, while the other ranks wait.
 
-Measures (run = one schedule in one round; steps 1..w are warm-up and are not timed):
-- tokens/s: tokens of steps w+1..K over the time from the end of step w to the end of step K on
+Measures (run = one schedule in one round of K steps; steps 1..w are warm-up and K-c+1..K the end of
+the run, neither timed: in the last step PACI's first stage has no next batch to start and idles
+while the last stage finishes, an edge a long run does not have):
+- tokens/s: tokens of steps w+1..K-c over the time from the end of step w to the end of step K-c on
   the last stage (rank 0); per schedule the median over rounds, the min and max show the spread;
 - ratios: per round against the pipe_1f1b and peer_1f1b runs of the same round, median over rounds;
 - utilization: per stage, compute time inside that window / its length (timelines of every
@@ -76,7 +78,7 @@ from lightning_paci.memory import PeakMemory
 from lightning_paci.partition import partition_model
 from lightning_paci.schedules import PlanSpec
 from lightning_paci.timeline import TimelineEvent
-from recipes.benchmark_report import OURS, PEERS, PIPELINES, SINGLES, report, time_budget
+from recipes.benchmark_report import OURS, PEERS, PIPELINES, SINGLES, replay_ceiling, report, time_budget
 from recipes.data import StdlibCorpus
 from recipes.gpt import GPT
 
@@ -95,7 +97,8 @@ class Config:
     n_head: int = 4
     n_embd: int = 256
     steps: int = 20  # K steps per run ...
-    warmup_steps: int = 4  # ... of which the first w are not timed
+    warmup_steps: int = 4  # ... of which the first w are not timed ...
+    cooldown_steps: int = 1  # ... nor the last c: the pipeline's end of run (see the module docstring)
     rounds: int = 3
     threads: int = 1  # torch threads per stage process
     single: bool = True  # also time single-process training of the whole model
@@ -164,7 +167,8 @@ class Bench:
             return {}
         stats = [s for _, s, _ in sorted(gathered, key=lambda g: g[0])]
         timeline = [e for _, _, evs in gathered for e in evs]
-        window = (ends[self.cfg.warmup_steps - 1], ends[self.cfg.steps - 1])
+        window = self._window(ends)
+        ceiling = replay_ceiling(self.cfg, OURS[name], timeline) if name in OURS else None
         for s in stats:
             mine = [e for e in timeline if e.stage == s["stage"]]
             starts: set[str] = set()  # ours: the first action of every batch (the peer has no such split)
@@ -175,15 +179,23 @@ class Bench:
             s["utilization"] = budget["compute"]
             s["bubble_fraction"] = 1.0 - s["utilization"]
             s.update(_mean_costs(mine, window))
-            if name in OURS:  # the idle time split into waits, the runtime's bookkeeping, the trainer's loop
+            if ceiling is not None:  # idle time split into waits, the runtime's bookkeeping, the trainer's loop
                 s.update({f"{k}_fraction": v for k, v in budget.items()})
+                s["replay_utilization"] = ceiling["utilization"][s["stage"]]
+                s["overhead_fraction"] = 1.0 - ceiling["length"] / (window[1] - window[0])
         return {"name": name, "tokens_per_s": self._rate(ends), **_losses(losses), "stages": stats,
                 "timeline": timeline}
 
+    def _window(self, ends: list[float]) -> tuple[float, float]:
+        """From the end of step w to the end of step K-c (rank 0's clock): the timed steps."""
+        cfg = self.cfg
+        return ends[cfg.warmup_steps - 1], ends[cfg.steps - cfg.cooldown_steps - 1]
+
     def _rate(self, ends: list[float]) -> float:
         cfg = self.cfg
-        timed = cfg.steps - cfg.warmup_steps
-        return timed * cfg.batch_size * cfg.block_size / (ends[cfg.steps - 1] - ends[cfg.warmup_steps - 1])
+        start, end = self._window(ends)
+        timed = cfg.steps - cfg.warmup_steps - cfg.cooldown_steps
+        return timed * cfg.batch_size * cfg.block_size / (end - start)
 
     def _trainer(self, strategy: Any, devices: int, clock: StepClock) -> L.Trainer:
         # use_distributed_sampler=False: Lightning would reshuffle training batches with a
@@ -435,10 +447,12 @@ def parse(argv: list[str] | None = None) -> Config:
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.batch_size % cfg.micro_batches:
         parser.error(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batches {cfg.micro_batches}")
-    if not 1 <= cfg.warmup_steps < cfg.steps:
-        parser.error(f"need 1 <= --warmup-steps < --steps, got {cfg.warmup_steps} and {cfg.steps}")
-    if cfg.steps < cfg.warmup_steps + 2:
-        parser.error("need at least two timed steps (--steps >= --warmup-steps + 2) for the Gantt chart")
+    if cfg.warmup_steps < 1 or cfg.cooldown_steps < 0:
+        parser.error(f"need --warmup-steps >= 1 and --cooldown-steps >= 0, got {cfg.warmup_steps} and "
+                     f"{cfg.cooldown_steps}")
+    if cfg.steps < cfg.warmup_steps + cfg.cooldown_steps + 2:
+        parser.error("need at least two timed steps (--steps >= --warmup-steps + --cooldown-steps + 2) for the "
+                     "Gantt chart")
     return cfg
 
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
-from lightning_paci.simulate import CostModel, simulate_schedule
+from lightning_paci.schedules import PlanSpec
+from lightning_paci.simulate import CostModel, replay, simulate_schedule
 from lightning_paci.timeline import TimelineEvent, plot_gantt, write_chrome_trace
 
 if TYPE_CHECKING:
@@ -115,6 +116,31 @@ def time_budget(events: list[TimelineEvent], batch_starts: set[str],
         cursor = max(cursor, end)
     budget["between_actions"] += max(0.0, window[1] - cursor)
     return {key: value / length for key, value in budget.items()}
+
+
+def replay_ceiling(cfg: Config, schedule: str, timeline: list[TimelineEvent]) -> dict[str, Any]:
+    """Utilization the plan allows given the run's own action times: the plan replayed with every
+    action's measured duration and nothing between actions (``simulate.replay``), over the same
+    timed steps (from the end of step w to that of step K-c on the last stage).
+
+    ``utilization``: per stage, its compute over the window; what jitter and imbalance of the
+    actions themselves leave. ``overhead``: 1 - replayed window / measured window, the share of the
+    measured time that went to everything else on the critical path (the trainer's loop, the
+    runtime's bookkeeping, message latency).
+    """
+    n, last = cfg.stages, cfg.stages - 1
+    spec = PlanSpec(schedule, n, cfg.micro_batches, cfg.micro_batches)
+    events = replay(spec.plan(cfg.steps), timeline)
+    closes, count = [], 0  # index of the last stage's last action of each batch
+    for k in range(cfg.steps):
+        count += len(spec.batch(last, k))
+        closes.append(count - 1)
+    ends = [e.end for e in events if e.stage == last]
+    window = (ends[closes[cfg.warmup_steps - 1]], ends[closes[cfg.steps - cfg.cooldown_steps - 1]])
+    length = window[1] - window[0]
+    utilization = [sum(max(0.0, min(e.end, window[1]) - max(e.start, window[0])) for e in events if e.stage == i)
+                   / length for i in range(n)]
+    return {"utilization": utilization, "length": length}
 
 
 def _costs(cfg: Config, summary: dict[str, Any], names: tuple[str, ...], path: Path) -> CostModel:
@@ -235,7 +261,9 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
                 print(f"{name} stage {st['stage']} time: compute {st['compute_fraction']:.3f}, waiting for a "
                       f"neighbour {st['wait_fraction']:.3f}, runtime between actions "
                       f"{st['between_actions_fraction']:.3f}, trainer loop between batches "
-                      f"{st['between_batches_fraction']:.3f}; balance ceiling {st['balance_ceiling']:.3f}")
+                      f"{st['between_batches_fraction']:.3f}; balance ceiling {st['balance_ceiling']:.3f}, "
+                      f"replay ceiling {st['replay_utilization']:.3f} (time off the critical path's compute: "
+                      f"{st['overhead_fraction']:.3f})")
     speedups = ", ".join(f"{v:.2f}" for v in concurrency["parallel_speedup_per_round"])
     print(f"machine: {cfg.stages} single-thread processes at once run {concurrency['slowdown']:.2f}x slower each "
           f"than alone (median; parallel speedup per round {speedups} of {cfg.stages})")

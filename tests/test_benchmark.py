@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from lightning_paci.schedules import PlanSpec
+from lightning_paci.simulate import CostModel, run_plan
 from lightning_paci.timeline import TimelineEvent
 from recipes.benchmark import parse
-from recipes.benchmark_report import OURS, PIPELINES, SINGLES, goals, summarize, time_budget
+from recipes.benchmark_report import OURS, PIPELINES, SINGLES, goals, replay_ceiling, summarize, time_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch-size", "8",
@@ -71,6 +73,8 @@ def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
             assert sum(parts) == pytest.approx(1.0, abs=0.02) and min(parts) >= 0, (name, parts)
             assert stage["compute_fraction"] == pytest.approx(stage["utilization"], abs=0.02)
         assert max(s["balance_ceiling"] for s in summary[name]["stages"]) == pytest.approx(1.0, abs=0.2)
+        for stage in summary[name]["stages"]:  # the replayed plan is never slower than the measured run
+            assert 0 < stage["replay_utilization"] <= 1 and stage["overhead_fraction"] < 1, (name, stage)
     trace = json.loads((out / "trace.json").read_text())["traceEvents"]
     assert {e["name"] for e in trace if e["ph"] == "X"} >= {"F0", "B0", "S"}
 
@@ -101,6 +105,8 @@ def test_bad_settings_fail_with_a_message() -> None:
         parse(["--batch-size", "6", "--micro-batches", "4"])
     with pytest.raises(SystemExit):
         parse(["--steps", "3", "--warmup-steps", "3"])
+    with pytest.raises(SystemExit):
+        parse(["--steps", "6", "--warmup-steps", "3", "--cooldown-steps", "2"])  # one timed step
 
 
 def test_time_budget_splits_idle_time_into_waits_bookkeeping_and_the_loop() -> None:
@@ -124,3 +130,19 @@ def test_balance_ceiling_is_each_stages_work_over_the_busiest_stages() -> None:
         stage.update(forward_s=f, backward_s=b, step_s=step)
     ceilings = [s["balance_ceiling"] for s in summarize(cfg, [run])["paci"]["stages"]]
     assert ceilings == pytest.approx([250 / 290, 1.0])
+
+
+@pytest.mark.parametrize(("schedule", "per_batch", "utilization"), [("paci", 6.0, 1.0), ("1f1b", 9.0, 2 / 3)])
+def test_replay_ceiling_is_the_plans_utilization_with_the_runs_own_action_times(
+        schedule: str, per_batch: float, utilization: float) -> None:
+    # Steps 2..5 of 6 are timed (warm-up 1, cool-down 1); m=2, forward 1, backward 2, free step.
+    cfg = parse(["--micro-batches", "2", "--batch-size", "4", "--steps", "6", "--warmup-steps", "1",
+                 "--cooldown-steps", "1"])
+    clean = run_plan(PlanSpec(schedule, 2, 2, 2).plan(6), CostModel.uniform(2))
+    # The measured run spent 0.5 between every two actions and waited for its inputs: all dropped.
+    measured = [e._replace(start=e.start + 0.5 * k, end=e.end + 0.5 * k)
+                for k, e in enumerate(sorted(clean, key=lambda e: e.start))]
+    measured += [TimelineEvent(e.stage, f"recv {e.action}", e.start - 0.2, e.start) for e in measured]
+    ceiling = replay_ceiling(cfg, schedule, measured)
+    assert ceiling["length"] == pytest.approx(4 * per_batch)  # PACI: no bubble; 1F1B: (m+N-1)/m slots per batch
+    assert ceiling["utilization"] == pytest.approx([utilization] * 2)

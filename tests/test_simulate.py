@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from lightning_paci.schedules import build_plan
-from lightning_paci.simulate import CostModel, main, plan_name, simulate, simulate_schedule, steady_batches
+from lightning_paci.simulate import (
+    CostModel,
+    main,
+    plan_name,
+    replay,
+    run_plan,
+    simulate,
+    simulate_schedule,
+    steady_batches,
+)
 from lightning_paci.timeline import TimelineEvent, chrome_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +92,41 @@ def test_hand_computed_timeline() -> None:
     assert [s.utilization for s in r.stages] == pytest.approx([6.5 / 11, 7.5 / 11])
     assert [(s.peak_in_flight, s.max_drift, s.steps) for s in r.stages] == [(2, 0, 1), (1, 0, 1)]
     assert r.window is None and r.rate() == r.throughput  # one batch has no steady window
+
+
+def test_replay_retimes_a_measured_timeline_without_what_lies_between_actions() -> None:
+    plan = build_plan("paci", 2, 2)
+    costs = CostModel(forward=[1.0, 1.5], backward=[2.0, 2.0], step=[0.5, 0.5])
+    clean = run_plan(plan, costs)
+    # A "measured" run: 0.3 between actions on every stage, waits recorded, one slow backward.
+    measured, clock = [], [0.0, 0.0]
+    for e in sorted(clean, key=lambda e: (e.stage, e.start)):
+        took = e.duration + (1.0 if (e.stage, e.action) == (1, "B0") else 0.0)
+        start = clock[e.stage] + 0.3
+        measured += [TimelineEvent(e.stage, f"recv {e.action}", start, start + 0.1),
+                     TimelineEvent(e.stage, e.action, start + 0.1, start + 0.1 + took)]
+        clock[e.stage] = start + 0.1 + took
+    got = {(e.stage, e.action): (e.start, e.end) for e in replay(plan, measured)}
+    want = {(e.stage, e.action): (e.start, e.end) for e in clean}
+    # Everything before stage 1's B0 keeps its clean time; B0 takes 3.0 instead of 2.0 ...
+    assert got[1, "F0"] == pytest.approx(want[1, "F0"]) and got[1, "B0"] == pytest.approx((2.5, 5.5))
+    # ... and what depends on it moves by exactly that second: stage 0's B0 waits for its gradient.
+    assert got[0, "B0"] == pytest.approx((5.5, 7.5))
+    assert got[0, "S"] == pytest.approx((want[0, "S"][0] + 1.0, want[0, "S"][1] + 1.0))
+    again = replay(plan, clean)  # a clean run replays as itself
+    assert [(e.stage, e.action) for e in again] == [(e.stage, e.action) for e in clean]
+    assert [e.end for e in again] == pytest.approx([e.end for e in clean])
+
+
+def test_replay_refuses_a_timeline_that_is_not_the_plans() -> None:
+    plan = build_plan("paci", 2, 2)
+    events = list(run_plan(plan, CostModel.uniform(2)))
+    swapped = [e._replace(action={"F0": "F1", "F1": "F0"}.get(e.action, e.action)) if e.stage == 0 else e
+               for e in events]
+    with pytest.raises(ValueError, match="stage 0's timeline does not follow the plan: action 0 is F1"):
+        replay(plan, swapped)
+    with pytest.raises(ValueError, match="stage 1's timeline .* action 4 is missing"):
+        replay(plan, [e for e in events if (e.stage, e.action) != (1, "S")])
 
 
 def test_steady_window_stays_clear_of_drain() -> None:
