@@ -168,7 +168,8 @@ class Bench:
         stats = [s for _, s, _ in sorted(gathered, key=lambda g: g[0])]
         timeline = [e for _, _, evs in gathered for e in evs]
         window = self._window(ends)
-        ceiling = replay_ceiling(self.cfg, OURS[name], timeline) if name in OURS else None
+        schedule = OURS.get(name) or PEERS[name]  # the peer runs the same action order as our plan
+        ceiling = replay_ceiling(self.cfg, schedule, timeline if name in OURS else _loss_into_forward(timeline))
         for s in stats:
             mine = [e for e in timeline if e.stage == s["stage"]]
             starts: set[str] = set()  # ours: the first action of every batch (the peer has no such split)
@@ -179,10 +180,10 @@ class Bench:
             s["utilization"] = budget["compute"]
             s["bubble_fraction"] = 1.0 - s["utilization"]
             s.update(_mean_costs(mine, window))
-            if ceiling is not None:  # idle time split into waits, the runtime's bookkeeping, the trainer's loop
+            s["replay_utilization"] = ceiling["utilization"][s["stage"]]
+            s["overhead_fraction"] = 1.0 - ceiling["length"] / (window[1] - window[0])
+            if name in OURS:  # idle time split into waits, the runtime's bookkeeping, the trainer's loop
                 s.update({f"{k}_fraction": v for k, v in budget.items()})
-                s["replay_utilization"] = ceiling["utilization"][s["stage"]]
-                s["overhead_fraction"] = 1.0 - ceiling["length"] / (window[1] - window[0])
         return {"name": name, "tokens_per_s": self._rate(ends), **_losses(losses), "stages": stats,
                 "timeline": timeline}
 
@@ -377,6 +378,22 @@ def _losses(losses: list[float]) -> dict[str, float]:
     """First and last step's training loss: equal across schedules that train the same model on the
     same batches synchronously (a check that all runs do the same work)."""
     return {"loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _loss_into_forward(events: list[TimelineEvent]) -> list[TimelineEvent]:
+    """The peer's timeline with each loss computation (its own event, after the forward) counted as
+    part of the forward before it, as ours counts it: what the plan's replay needs."""
+    out: list[TimelineEvent] = []
+    last_forward: dict[int, int] = {}
+    for e in sorted(events, key=lambda e: e.start):
+        if e.action == "loss" and e.stage in last_forward:
+            f = out[last_forward[e.stage]]
+            out[last_forward[e.stage]] = f._replace(end=f.end + e.duration)
+            continue
+        if e.category == "forward":
+            last_forward[e.stage] = len(out)
+        out.append(e)
+    return out
 
 
 def _mean_costs(events: list[TimelineEvent], window: tuple[float, float]) -> dict[str, float]:

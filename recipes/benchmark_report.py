@@ -25,9 +25,9 @@ from lightning_paci.timeline import TimelineEvent, plot_gantt, write_chrome_trac
 if TYPE_CHECKING:
     from recipes.benchmark import Config
 
-PEERS = ("peer_gpipe", "peer_1f1b")
+PEERS = {"peer_gpipe": "gpipe", "peer_1f1b": "1f1b"}  # torch's ScheduleGPipe / Schedule1F1B: our plans' order
 OURS = {"pipe_gpipe": "gpipe", "pipe_1f1b": "1f1b", "paci": "paci"}
-PIPELINES = PEERS + tuple(OURS)
+PIPELINES = tuple(PEERS) + tuple(OURS)
 SINGLES = ("single_1thread", "single_allcores")
 
 
@@ -262,8 +262,10 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
                       f"neighbour {st['wait_fraction']:.3f}, runtime between actions "
                       f"{st['between_actions_fraction']:.3f}, trainer loop between batches "
                       f"{st['between_batches_fraction']:.3f}; balance ceiling {st['balance_ceiling']:.3f}, "
-                      f"replay ceiling {st['replay_utilization']:.3f} (time off the critical path's compute: "
-                      f"{st['overhead_fraction']:.3f})")
+                      f"replay ceiling {st['replay_utilization']:.3f}")
+    overhead = ", ".join(f"{name} {summary[name]['stages'][0]['overhead_fraction']:.3f}" for name in PIPELINES
+                         if name in summary)
+    print(f"share of the timed window the plan's replay does not need (runtime, trainer, messages): {overhead}")
     speedups = ", ".join(f"{v:.2f}" for v in concurrency["parallel_speedup_per_round"])
     print(f"machine: {cfg.stages} single-thread processes at once run {concurrency['slowdown']:.2f}x slower each "
           f"than alone (median; parallel speedup per round {speedups} of {cfg.stages})")

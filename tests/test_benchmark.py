@@ -16,7 +16,7 @@ import pytest
 from lightning_paci.schedules import PlanSpec
 from lightning_paci.simulate import CostModel, run_plan
 from lightning_paci.timeline import TimelineEvent
-from recipes.benchmark import parse
+from recipes.benchmark import _loss_into_forward, parse
 from recipes.benchmark_report import OURS, PIPELINES, SINGLES, goals, replay_ceiling, summarize, time_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,8 @@ def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
             assert sum(parts) == pytest.approx(1.0, abs=0.02) and min(parts) >= 0, (name, parts)
             assert stage["compute_fraction"] == pytest.approx(stage["utilization"], abs=0.02)
         assert max(s["balance_ceiling"] for s in summary[name]["stages"]) == pytest.approx(1.0, abs=0.2)
-        for stage in summary[name]["stages"]:  # the replayed plan is never slower than the measured run
+    for name in PIPELINES:  # every pipelined run, the peer's too, replays as our plan
+        for stage in summary[name]["stages"]:
             assert 0 < stage["replay_utilization"] <= 1 and stage["overhead_fraction"] < 1, (name, stage)
     trace = json.loads((out / "trace.json").read_text())["traceEvents"]
     assert {e["name"] for e in trace if e["ph"] == "X"} >= {"F0", "B0", "S"}
@@ -146,3 +147,12 @@ def test_replay_ceiling_is_the_plans_utilization_with_the_runs_own_action_times(
     ceiling = replay_ceiling(cfg, schedule, measured)
     assert ceiling["length"] == pytest.approx(4 * per_batch)  # PACI: no bubble; 1F1B: (m+N-1)/m slots per batch
     assert ceiling["utilization"] == pytest.approx([utilization] * 2)
+
+
+def test_the_peers_loss_counts_as_part_of_its_forward_for_the_replay() -> None:
+    events = [TimelineEvent(1, "F0", 0.0, 1.0), TimelineEvent(1, "loss", 1.0, 1.5),
+              TimelineEvent(1, "B0", 1.5, 3.5), TimelineEvent(1, "S", 3.5, 4.0),
+              TimelineEvent(0, "F0", 0.0, 1.0), TimelineEvent(0, "loss", 1.0, 1.0)]
+    merged = _loss_into_forward(events)
+    assert sorted((e.stage, e.action, e.duration) for e in merged) == [
+        (0, "F0", 1.0), (1, "B0", 2.0), (1, "F0", 1.5), (1, "S", 0.5)]
