@@ -12,10 +12,8 @@ and at the end of fit.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -27,19 +25,22 @@ from lightning.fabric.utilities.distributed import (
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
 )
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
 from lightning_paci.hollow import StageView
+from lightning_paci.launch import (
+    CheckedMultiprocessingLauncher,
+    CheckedScriptLauncher,
+    PipelineSync,
+    drop_per_batch_sigterm_broadcast,
+)
 from lightning_paci.p2p import StageLink
 from lightning_paci.partition import PARTITIONS, Partition, partition_model
 from lightning_paci.plan import drift_bound
@@ -172,9 +173,9 @@ class PACIStrategy(ParallelStrategy):
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if self._start_method == "popen":
-            self._launcher = _CheckedScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = CheckedScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _CheckedMultiprocessingLauncher(self, start_method=self._start_method)
+            self._launcher = CheckedMultiprocessingLauncher(self, start_method=self._start_method)
         self._launcher.check = self._check_before_launch
 
     def _check_before_launch(self, trainer: Trainer) -> None:
@@ -254,9 +255,9 @@ class PACIStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         self._build_runtime(trainer)
-        if not any(isinstance(c, _PipelineSync) for c in trainer.callbacks):
-            trainer.callbacks.insert(0, _PipelineSync(self))
-        _drop_per_batch_sigterm_broadcast(trainer)
+        if not any(isinstance(c, PipelineSync) for c in trainer.callbacks):
+            trainer.callbacks.insert(0, PipelineSync(self))
+        drop_per_batch_sigterm_broadcast(trainer)
 
     @override
     def model_to_device(self) -> None:
@@ -496,22 +497,6 @@ class PACIStrategy(ParallelStrategy):
                                        schedule=schedule)
 
 
-def _drop_per_batch_sigterm_broadcast(trainer: Trainer) -> None:
-    """Lightning 2.6 broadcasts rank 0's SIGTERM flag before every training batch: a collective that
-    makes all stages wait for each other once per batch and brings a bubble back (measured: PACI's
-    speed-up over 1F1B-flush fell from 1.24 to 1.07, recipes/benchmark.py). Each stage checks its own
-    flag instead; a stage that stops on SIGTERM ends its neighbours through the pipeline links."""
-    loop = trainer.fit_loop.epoch_loop
-    if not hasattr(loop, "_broadcast_sigterm_tensor"):
-        return  # another Lightning version: nothing to replace
-
-    def check_locally() -> None:
-        if trainer.received_sigterm:
-            raise SIGTERMException()
-
-    loop._broadcast_sigterm_tensor = check_locally
-
-
 def _alias_parameters(optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """Point the optimizer at ``nn.Parameter(p.data)`` aliases of this stage's own parameters.
 
@@ -536,62 +521,3 @@ def _flat_telemetry(telemetry: list[dict[str, Any]]) -> dict[str, float]:
         for drift, count in t["drift_histogram"].items():
             out[f"pipeline/stage{t['stage']}/drift_{drift}"] = float(count)
     return out
-
-
-class _PipelineSync(Callback):
-    """Runs first among callbacks: makes the last stage's metrics visible on every stage."""
-
-    def __init__(self, strategy: PACIStrategy) -> None:
-        self.strategy = strategy
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self.strategy.sync_metrics()
-            if trainer.state.fn == TrainerFn.FITTING:
-                self.strategy.publish_telemetry()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.strategy.sync_metrics()
-
-
-class _ChecksBeforeLaunch:
-    check: Callable[[Trainer], None]
-
-    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
-        if trainer is not None:
-            self.check(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
-
-
-class _CheckedScriptLauncher(_ChecksBeforeLaunch, _SubprocessScriptLauncher):
-    pass
-
-
-class _CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLauncher):
-    """Hands the main process the whole trained model and the telemetry, not rank 0's stage only."""
-
-    @override
-    def _collect_rank_zero_results(self, trainer: Trainer, results: Any) -> Any:
-        strategy = self._strategy
-        fitted = trainer.state.fn == TrainerFn.FITTING and strategy.runtime is not None
-        state_dict = strategy.full_state_dict() if fitted else None  # every rank takes part
-        if strategy.local_rank != 0:
-            return None
-        weights_path = None
-        if state_dict is not None:
-            weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
-            strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
-        callback = trainer.checkpoint_callback
-        best = getattr(callback, "best_model_path", None)
-        return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
-
-    @override
-    def get_extra_results(self, trainer: Trainer) -> dict[str, Any]:
-        extra = super().get_extra_results(trainer)
-        extra["pipeline_telemetry"] = json.dumps(trainer.strategy.telemetry)
-        return extra
-
-    @override
-    def update_main_process_results(self, trainer: Trainer, extra: dict[str, Any]) -> None:
-        super().update_main_process_results(trainer, extra)
-        trainer.strategy.telemetry = json.loads(extra["pipeline_telemetry"])
