@@ -23,6 +23,11 @@ while the last stage finishes, an edge a long run does not have):
 - utilization: per stage, compute time inside that window / its length (timelines of every
   action; waits for a neighbour are split off as "recv"/"send"); bubble = 1 - utilization;
   ``*_run`` values are the runtime's own telemetry over the whole fit, warm-up and drain included;
+- ceilings, per stage: ``balance_ceiling`` (its mean compute per batch over the busiest stage's)
+  and ``replay_utilization`` (the plan re-timed with every action's measured duration and nothing
+  between actions, ``lightning_paci.simulate.replay``: what the run's own compute, jitter
+  included, allows); ``overhead_fraction``: the share of the window that replay does not need
+  (trainer loop, runtime, messages on the critical path), for the peer's runs too;
 - peak memory: glibc heap in use sampled after every action (lightning_paci.memory.PeakMemory),
   the same meter for ours, the peer's (after each forward/backward/loss/step) and single runs;
   ``peak_memory_bytes`` is the process's heap, ``run_memory_bytes`` that minus the heap in use
