@@ -33,13 +33,22 @@ def _mallinfo2():  # -> callable returning _MallInfo2, or None
 
 
 class PeakMemory:
-    """``sample()`` after each unit of work; ``peak`` is the largest bytes-in-use seen since ``reset()``."""
+    """``sample()`` after each unit of work; ``peak`` is the largest bytes-in-use seen since ``reset()``.
+
+    On CUDA the allocator keeps the peak itself: ``sample()`` does nothing and ``peak`` reads it.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._mallinfo = _mallinfo2() if device.type == "cpu" else None
-        self.peak = 0
+        self._peak = 0
         self.reset()
+
+    @property
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return self._peak
 
     def in_use(self) -> int:
         if self.device.type == "cuda":
@@ -52,11 +61,10 @@ class PeakMemory:
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.peak = self.in_use()
+        else:
+            self._peak = self.in_use()
 
     def sample(self) -> int:
-        if self.device.type == "cuda":
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
-        else:
-            self.peak = max(self.peak, self.in_use())
+        if self.device.type != "cuda":
+            self._peak = max(self._peak, self.in_use())
         return self.peak

@@ -137,10 +137,8 @@ def replay_ceiling(cfg: Config, schedule: str, timeline: list[TimelineEvent]) ->
         closes.append(count - 1)
     ends = [e.end for e in events if e.stage == last]
     window = (ends[closes[cfg.warmup_steps - 1]], ends[closes[cfg.steps - cfg.cooldown_steps - 1]])
-    length = window[1] - window[0]
-    utilization = [sum(max(0.0, min(e.end, window[1]) - max(e.start, window[0])) for e in events if e.stage == i)
-                   / length for i in range(n)]
-    return {"utilization": utilization, "length": length}
+    utilization = [time_budget([e for e in events if e.stage == i], set(), window)["compute"] for i in range(n)]
+    return {"utilization": utilization, "length": window[1] - window[0]}
 
 
 def _costs(cfg: Config, summary: dict[str, Any], names: tuple[str, ...], path: Path) -> CostModel:
