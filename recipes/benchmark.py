@@ -175,12 +175,11 @@ class Bench:
         window = self._window(ends)
         schedule = OURS.get(name) or PEERS[name]  # the peer runs the same action order as our plan
         ceiling = replay_ceiling(self.cfg, schedule, timeline if name in OURS else _loss_into_forward(timeline))
+        spec = PlanSpec(schedule, self.cfg.stages, self.cfg.micro_batches, self.cfg.micro_batches)
         for s in stats:
             mine = [e for e in timeline if e.stage == s["stage"]]
-            starts: set[str] = set()  # ours: the first action of every batch (the peer has no such split)
-            if name in OURS:
-                spec = PlanSpec(OURS[name], self.cfg.stages, self.cfg.micro_batches, self.cfg.micro_batches)
-                starts = {str(spec.batch(s["stage"], k)[0]) for k in range(self.cfg.steps)}
+            # ours: the first action of every batch, where the trainer's loop ends (the peer has no such split)
+            starts = {str(spec.batch(s["stage"], k)[0]) for k in range(self.cfg.steps)} if name in OURS else set()
             budget = time_budget(mine, starts, window)
             s["utilization"] = budget["compute"]
             s["bubble_fraction"] = 1.0 - s["utilization"]
