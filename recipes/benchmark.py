@@ -38,7 +38,8 @@ while the last stage finishes, an edge a long run does not have):
 - machine noise: before each run rank 0 waits (``--quiet-wait-s``) until other processes leave the
   CPU idle, and every run records the share of CPU time they took meanwhile (``foreign_cpu``);
   each round starts by timing a micro-batch forward+backward on each process alone, then on all
-  at once (``machine.concurrency``): whether the cores really run the stages in parallel.
+  at once (``machine.concurrency``): whether the cores really run the stages in parallel, and how
+  much the time of that same work varies from one repeat to the next (``alone_cv``, ``together_cv``).
 
 ``--lightning-sigterm-broadcast`` puts back, in our runs, the broadcast of rank 0's SIGTERM flag
 that Lightning 2.6 makes before every training batch and that PACIStrategy replaces by a local
@@ -287,32 +288,42 @@ class Bench:
                  "optimizer_steps": cfg.steps}
         return ends, step_losses, stats, events
 
-    def concurrency(self, repeats: int = 8) -> dict[str, float]:
-        """Does this machine run the stage processes in parallel? Seconds per whole-model micro-batch
-        forward+backward (one thread) on each rank alone, then on all ranks at once."""
+    def concurrency(self, repeats: int = 10) -> dict[str, float]:
+        """Does this machine run the stage processes in parallel, and how steadily? Seconds per
+        whole-model micro-batch forward+backward (one thread) on each rank alone, then on all ranks at
+        once; ``*_cv`` is the coefficient of variation of the repeats: the same work, timed again."""
         model = self.model()
         x, y = next(iter(self.data.train_dataloader()))
         x, y = x[: len(x) // self.cfg.micro_batches], y[: len(y) // self.cfg.micro_batches]
 
-        def seconds() -> float:
+        def seconds() -> list[float]:
             model._loss(model(x), y).backward()  # warm-up
-            start = time.perf_counter()
+            times = []
             for _ in range(repeats):
+                start = time.perf_counter()
                 model._loss(model(x), y).backward()
-            return (time.perf_counter() - start) / repeats
+                times.append(time.perf_counter() - start)
+            return times
 
-        alone = 0.0
+        alone: list[float] = []
         for r in range(self.cfg.stages):
             dist.barrier()
             if r == self.rank:
                 alone = seconds()
         dist.barrier()
         together = seconds()
-        times: list[Any] = [None] * self.cfg.stages
-        dist.all_gather_object(times, (alone, together))
-        alone, together = statistics.fmean(t[0] for t in times), statistics.fmean(t[1] for t in times)
-        return {"alone_s": alone, "together_s": together, "slowdown": together / alone,
-                "parallel_speedup": self.cfg.stages * alone / together}
+        gathered: list[Any] = [None] * self.cfg.stages
+        dist.all_gather_object(gathered, (alone, together))
+
+        def mean_and_cv(k: int) -> tuple[float, float]:
+            means = [statistics.fmean(g[k]) for g in gathered]
+            cvs = [statistics.pstdev(g[k]) / statistics.fmean(g[k]) for g in gathered]
+            return statistics.fmean(means), statistics.fmean(cvs)
+
+        (alone_s, alone_cv), (together_s, together_cv) = mean_and_cv(0), mean_and_cv(1)
+        return {"alone_s": alone_s, "together_s": together_s, "slowdown": together_s / alone_s,
+                "parallel_speedup": self.cfg.stages * alone_s / together_s,
+                "alone_cv": alone_cv, "together_cv": together_cv}
 
     def single(self, name: str) -> dict[str, Any]:
         """The whole model in this process, one device, one thread or every core (rank 0 only)."""
@@ -401,12 +412,16 @@ def _loss_into_forward(events: list[TimelineEvent]) -> list[TimelineEvent]:
 
 
 def _mean_costs(events: list[TimelineEvent], window: tuple[float, float]) -> dict[str, float]:
-    """Mean compute seconds of forward, backward (the peer: with its loss) and step in the window."""
+    """Mean compute seconds of forward, backward (the peer: with its loss) and step in the window, and
+    the coefficient of variation of forward and backward (``*_cv``): how much the same action's time
+    varies, which a schedule without slack pays for (see ``replay_utilization``)."""
     inside = [e for e in events if window[0] <= e.start and e.end <= window[1]]
     out = {}
-    for key, category in (("forward_s", "forward"), ("backward_s", "backward"), ("step_s", "step")):
+    for key, category in (("forward", "forward"), ("backward", "backward"), ("step", "step")):
         durations = [e.duration for e in inside if e.category == category]
-        out[key] = statistics.fmean(durations) if durations else 0.0
+        out[f"{key}_s"] = statistics.fmean(durations) if durations else 0.0
+        if key != "step":
+            out[f"{key}_cv"] = statistics.pstdev(durations) / out[f"{key}_s"] if len(durations) > 1 else 0.0
     return out
 
 

@@ -41,6 +41,7 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
     for run in runs:
         by_name.setdefault(run["name"], []).append(run)
     rate = {(r["name"], r["round"]): r["tokens_per_s"] for r in runs}
+    work = {(r["name"], r["round"]): _compute_per_batch(cfg, r["stages"]) for r in runs}
     for run in runs:
         _add_balance_ceiling(cfg, run["stages"])
     out = {}
@@ -54,6 +55,13 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
             ratios = [rate[name, r["round"]] / rate[base, r["round"]] for r in rs if (base, r["round"]) in rate]
             row[f"vs_{base}"] = _median(ratios)
             row[f"vs_{base}_min"], row[f"vs_{base}_max"] = (min(ratios), max(ratios)) if ratios else (None, None)
+            # The same ratio at equal compute speed: the two runs' compute per batch (the same work)
+            # differs only by how fast the machine ran in each, which scales all of a run's time.
+            pairs = [((name, r["round"]), (base, r["round"])) for r in rs if (base, r["round"]) in rate]
+            pairs = [(a, b) for a, b in pairs if work[a] and work[b]]
+            row[f"vs_{base}_equal_compute"] = _median([rate[a] * work[a] / (rate[b] * work[b]) for a, b in pairs])
+            row[f"vs_{base}_equal_compute_per_round"] = [rate[a] * work[a] / (rate[b] * work[b]) for a, b in pairs]
+            row[f"compute_vs_{base}"] = _median([work[a] / work[b] for a, b in pairs])
         stages = []
         for k, first in enumerate(rs[0]["stages"]):
             stage = {"stage": first["stage"]}
@@ -68,12 +76,25 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _stage_work(cfg: Config, stages: list[dict[str, Any]]) -> list[float] | None:
+    """Each stage's compute seconds per batch, from the run's mean action costs."""
+    if not all("forward_s" in s for s in stages):
+        return None
+    return [cfg.micro_batches * (s["forward_s"] + s["backward_s"]) + s["step_s"] for s in stages]
+
+
+def _compute_per_batch(cfg: Config, stages: list[dict[str, Any]]) -> float | None:
+    """Compute seconds per batch summed over the stages."""
+    work = _stage_work(cfg, stages)
+    return sum(work) if work else None
+
+
 def _add_balance_ceiling(cfg: Config, stages: list[dict[str, Any]]) -> None:
     """``balance_ceiling``: a stage's compute per batch over the busiest stage's, from the run's mean
     action costs. A stage cannot be busier than that: it waits for the slower one."""
-    if not all("forward_s" in s for s in stages):
+    work = _stage_work(cfg, stages)
+    if work is None:
         return
-    work = [cfg.micro_batches * (s["forward_s"] + s["backward_s"]) + s["step_s"] for s in stages]
     for s, w in zip(stages, work):
         s["balance_ceiling"] = w / max(max(work), 1e-12)
 
@@ -249,6 +270,11 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
     print("\n" + table(cfg, summary) + "\n")
     for g in result["goals"]:
         print(f"{'MET   ' if g['met'] else 'MISSED'} {g['goal']}: {g['value']:.4f} (target {g['target']})")
+    for name, base in (("paci", "pipe_1f1b"), ("pipe_1f1b", "peer_1f1b")):
+        row = summary[name]
+        rounds_ = ", ".join(f"{v:.3f}" for v in row[f"vs_{base}_equal_compute_per_round"])
+        print(f"at equal compute speed: {name} / {base} {row[f'vs_{base}_equal_compute']:.4f} (per round "
+              f"{rounds_}); compute per batch, {name} / {base}: {row[f'compute_vs_{base}']:.3f}")
     for label in ("shared", "own"):
         row = sim[label]
         print(f"simulator ({label} costs): paci / pipe_1f1b predicted {row['predicted_paci_vs_pipe_1f1b']:.4f}, "
@@ -260,13 +286,16 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
                       f"neighbour {st['wait_fraction']:.3f}, runtime between actions "
                       f"{st['between_actions_fraction']:.3f}, trainer loop between batches "
                       f"{st['between_batches_fraction']:.3f}; balance ceiling {st['balance_ceiling']:.3f}, "
-                      f"replay ceiling {st['replay_utilization']:.3f}")
+                      f"replay ceiling {st['replay_utilization']:.3f}; forward/backward times vary by "
+                      f"{100 * st['forward_cv']:.0f}%/{100 * st['backward_cv']:.0f}% (CV)")
     overhead = ", ".join(f"{name} {summary[name]['stages'][0]['overhead_fraction']:.3f}" for name in PIPELINES
                          if name in summary)
     print(f"share of the timed window the plan's replay does not need (runtime, trainer, messages): {overhead}")
     speedups = ", ".join(f"{v:.2f}" for v in concurrency["parallel_speedup_per_round"])
     print(f"machine: {cfg.stages} single-thread processes at once run {concurrency['slowdown']:.2f}x slower each "
-          f"than alone (median; parallel speedup per round {speedups} of {cfg.stages})")
+          f"than alone (median; parallel speedup per round {speedups} of {cfg.stages}); the same micro-batch "
+          f"forward+backward, repeated, varies by {100 * concurrency['alone_cv']:.1f}% alone and "
+          f"{100 * concurrency['together_cv']:.1f}% with all stages busy (coefficient of variation)")
     noisy = [f"{r['name']}#{r['round']}" for r in runs if r["foreign_cpu"] > 0.05]
     if noisy:
         print(f"WARNING: other processes used more than 5% of the CPU during {', '.join(noisy)}: rerun when quiet")

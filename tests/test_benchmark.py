@@ -63,7 +63,8 @@ def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
 
     assert len(result["goals"]) == 4 and all(isinstance(g["met"], bool) for g in result["goals"])
     assert result["simulator"]["shared"]["predicted_paci_vs_pipe_1f1b"] > 1.0
-    assert result["machine"]["concurrency"]["parallel_speedup"] > 0
+    concurrency = result["machine"]["concurrency"]
+    assert concurrency["parallel_speedup"] > 0 and concurrency["alone_cv"] >= 0 and concurrency["together_cv"] >= 0
     assert json.loads((out / "costs.json").read_text())["stages"][1]["backward_s"] > 0
     for path in result["artifacts"].values():
         assert Path(path).stat().st_size > 0
@@ -76,6 +77,7 @@ def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
     for name in PIPELINES:  # every pipelined run, the peer's too, replays as our plan
         for stage in summary[name]["stages"]:
             assert 0 < stage["replay_utilization"] <= 1 and stage["overhead_fraction"] < 1, (name, stage)
+            assert stage["forward_cv"] >= 0 and stage["backward_cv"] >= 0, (name, stage)
     trace = json.loads((out / "trace.json").read_text())["traceEvents"]
     assert {e["name"] for e in trace if e["ph"] == "X"} >= {"F0", "B0", "S"}
 
@@ -99,6 +101,24 @@ def test_ratios_are_taken_per_round_then_medianed() -> None:
     assert summary["paci"]["tokens_per_s"] == 122 and summary["paci"]["spread"] == pytest.approx(1.5)
     verdicts = {g["goal"].split(",")[0]: g["met"] for g in goals(cfg, summary)}
     assert list(verdicts.values()) == [True, True, True, True]
+
+
+def test_equal_compute_ratio_cancels_the_machines_speed_between_runs() -> None:
+    cfg = parse(["--rounds", "2", "--micro-batches", "4"])
+
+    def timed(name: str, r: int, tps: float, slow: float) -> dict:  # slow: the machine's speed in this run
+        run = _run(name, r, tps / slow)
+        for stage in run["stages"]:
+            stage.update(forward_s=0.01 * slow, backward_s=0.02 * slow, step_s=0.005 * slow)
+        return run
+
+    # Round 0: the peer ran on a machine 20% slower; round 1: ours did. The work is the same.
+    runs = [timed("peer_1f1b", 0, 100, 1.2), timed("pipe_1f1b", 0, 98, 1.0),
+            timed("peer_1f1b", 1, 100, 1.0), timed("pipe_1f1b", 1, 98, 1.2)]
+    row = summarize(cfg, runs)["pipe_1f1b"]
+    assert (row["vs_peer_1f1b_min"], row["vs_peer_1f1b_max"]) == pytest.approx((0.98 / 1.2, 0.98 * 1.2))
+    assert row["vs_peer_1f1b_equal_compute_per_round"] == pytest.approx([0.98, 0.98])
+    assert row["compute_vs_peer_1f1b"] == pytest.approx((1 / 1.2 + 1.2) / 2)  # median of the two rounds
 
 
 def test_bad_settings_fail_with_a_message() -> None:
