@@ -247,6 +247,29 @@ def table(cfg: Config, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def print_findings(cfg: Config, summary: dict[str, Any], verdicts: list[dict[str, Any]]) -> None:
+    """The table, the goals' verdicts, the ratios at equal compute speed and where PACI's and
+    pipe_1f1b's time went."""
+    print("\n" + table(cfg, summary) + "\n")
+    for g in verdicts:
+        print(f"{'MET   ' if g['met'] else 'MISSED'} {g['goal']}: {g['value']:.4f} (target {g['target']})")
+    for name, base in (("paci", "pipe_1f1b"), ("pipe_1f1b", "peer_1f1b")):
+        row = summary[name]
+        rounds_ = ", ".join(f"{v:.3f}" for v in row[f"vs_{base}_equal_compute_per_round"])
+        print(f"at equal compute speed: {name} / {base} {row[f'vs_{base}_equal_compute']:.4f} (per round "
+              f"{rounds_}); compute per batch, {name} / {base}: {row[f'compute_vs_{base}']:.3f}")
+    for name in ("paci", "pipe_1f1b"):
+        for st in summary[name]["stages"]:
+            if "wait_fraction" in st:
+                jitter = (f"; forward/backward times vary by {100 * st['forward_cv']:.0f}%/"
+                          f"{100 * st['backward_cv']:.0f}% (CV)" if "forward_cv" in st else "")
+                print(f"{name} stage {st['stage']} time: compute {st['compute_fraction']:.3f}, waiting for a "
+                      f"neighbour {st['wait_fraction']:.3f}, runtime between actions "
+                      f"{st['between_actions_fraction']:.3f}, trainer loop between batches "
+                      f"{st['between_batches_fraction']:.3f}; balance ceiling {st['balance_ceiling']:.3f}, "
+                      f"replay ceiling {st['replay_utilization']:.3f}{jitter}")
+
+
 def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timelines: dict[str, Any],
            rounds: list[dict[str, float]]) -> None:
     """Summarize, print the table and verdicts, write benchmark.json, costs, Gantt chart and trace."""
@@ -267,27 +290,11 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
     }
     path = out / "benchmark.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    print("\n" + table(cfg, summary) + "\n")
-    for g in result["goals"]:
-        print(f"{'MET   ' if g['met'] else 'MISSED'} {g['goal']}: {g['value']:.4f} (target {g['target']})")
-    for name, base in (("paci", "pipe_1f1b"), ("pipe_1f1b", "peer_1f1b")):
-        row = summary[name]
-        rounds_ = ", ".join(f"{v:.3f}" for v in row[f"vs_{base}_equal_compute_per_round"])
-        print(f"at equal compute speed: {name} / {base} {row[f'vs_{base}_equal_compute']:.4f} (per round "
-              f"{rounds_}); compute per batch, {name} / {base}: {row[f'compute_vs_{base}']:.3f}")
+    print_findings(cfg, summary, result["goals"])
     for label in ("shared", "own"):
         row = sim[label]
         print(f"simulator ({label} costs): paci / pipe_1f1b predicted {row['predicted_paci_vs_pipe_1f1b']:.4f}, "
               f"measured {sim['measured_paci_vs_pipe_1f1b']:.4f} ({100 * row['relative_error']:+.1f}%)")
-    for name in ("paci", "pipe_1f1b"):
-        for st in summary[name]["stages"]:
-            if "wait_fraction" in st:
-                print(f"{name} stage {st['stage']} time: compute {st['compute_fraction']:.3f}, waiting for a "
-                      f"neighbour {st['wait_fraction']:.3f}, runtime between actions "
-                      f"{st['between_actions_fraction']:.3f}, trainer loop between batches "
-                      f"{st['between_batches_fraction']:.3f}; balance ceiling {st['balance_ceiling']:.3f}, "
-                      f"replay ceiling {st['replay_utilization']:.3f}; forward/backward times vary by "
-                      f"{100 * st['forward_cv']:.0f}%/{100 * st['backward_cv']:.0f}% (CV)")
     overhead = ", ".join(f"{name} {summary[name]['stages'][0]['overhead_fraction']:.3f}" for name in PIPELINES
                          if name in summary)
     print(f"share of the timed window the plan's replay does not need (runtime, trainer, messages): {overhead}")
@@ -300,3 +307,23 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
     if noisy:
         print(f"WARNING: other processes used more than 5% of the CPU during {', '.join(noisy)}: rerun when quiet")
     print(f"wrote {path}, {artifacts['gantt']}, {artifacts['trace']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Summarize a stored run again: ``python -m recipes.benchmark_report runs/benchmark/benchmark.json``."""
+    import argparse
+
+    from recipes.benchmark import Config
+
+    parser = argparse.ArgumentParser(prog="python -m recipes.benchmark_report", description=main.__doc__)
+    parser.add_argument("result", type=Path, help="a benchmark.json written by recipes/benchmark.py")
+    stored = json.loads(parser.parse_args(argv).result.read_text())
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in stored["config"].items() if k in names})
+    summary = summarize(cfg, stored["runs"])
+    print(f"{stored['command']}  ({stored['machine']['cpu']}, {stored['machine']['cores']} cores)")
+    print_findings(cfg, summary, goals(cfg, summary))
+
+
+if __name__ == "__main__":
+    main()

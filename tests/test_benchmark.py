@@ -80,6 +80,12 @@ def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
             assert stage["forward_cv"] >= 0 and stage["backward_cv"] >= 0, (name, stage)
     trace = json.loads((out / "trace.json").read_text())["traceEvents"]
     assert {e["name"] for e in trace if e["ph"] == "X"} >= {"F0", "B0", "S"}
+    # A stored run can be summarized again, with the same verdicts.
+    again = subprocess.run([sys.executable, "-m", "recipes.benchmark_report", str(out / "benchmark.json")],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    assert "at equal compute speed: pipe_1f1b / peer_1f1b" in again.stdout
+    assert sum(line.startswith(("MET", "MISSED")) for line in again.stdout.splitlines()) == 4
 
 
 def _run(name: str, r: int, tps: float, util: float = 1.0, memory: int = 100) -> dict:
