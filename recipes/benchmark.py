@@ -3,6 +3,7 @@
     python recipes/benchmark.py                          # 2 stages, m=4, 3 rounds: 5-6 min on 2 cores
     python recipes/benchmark.py --rounds 5 --steps 30    # every setting: --help
     python -m lightning_paci.simulate --costs runs/benchmark/costs.json --micro-batches 4
+    python -m recipes.benchmark_report runs/benchmark/benchmark.json   # summarize a stored run again
 
 One invocation, one set of processes: ``torch.multiprocessing`` starts one process per stage, each
 joins one gloo group once and then runs, round after round in an order that rotates, on the same
@@ -20,6 +21,8 @@ while the last stage finishes, an edge a long run does not have):
 - tokens/s: tokens of steps w+1..K-c over the time from the end of step w to the end of step K-c on
   the last stage (rank 0); per schedule the median over rounds, the min and max show the spread;
 - ratios: per round against the pipe_1f1b and peer_1f1b runs of the same round, median over rounds;
+  also at equal compute speed: times the two runs' compute per batch (the sum over stages of mean
+  action times; the same work, so it differs only by the machine's speed in each run);
 - utilization: per stage, compute time inside that window / its length (timelines of every
   action; waits for a neighbour are split off as "recv"/"send"); bubble = 1 - utilization;
   ``*_run`` values are the runtime's own telemetry over the whole fit, warm-up and drain included;
