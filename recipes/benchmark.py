@@ -1,6 +1,7 @@
 """Throughput, utilization and memory of PACI against 1F1B-flush, GPipe, torch's pipelining and one process.
 
-    python recipes/benchmark.py                          # 2 stages, m=4, 3 rounds: 5-6 min on 2 cores
+    python recipes/benchmark.py                          # 2 stages, m=4, 3 rounds: about 12 min on 2 cores
+    python recipes/benchmark.py --n-embd 256 --n-head 4  # a 4x smaller model: tens of ms per action
     python recipes/benchmark.py --rounds 5 --steps 30    # every setting: --help
     python -m lightning_paci.simulate --costs runs/benchmark/costs.json --micro-batches 4
     python -m recipes.benchmark_report runs/benchmark/benchmark.json   # summarize a stored run again
@@ -100,11 +101,11 @@ class Config:
 
     stages: int = 2
     micro_batches: int = 4
-    batch_size: int = 16  # sequences per step: 4 per micro-batch, a forward of tens of ms per stage
+    batch_size: int = 16  # sequences per step: 4 per micro-batch
     block_size: int = 128
     n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
+    n_head: int = 8
+    n_embd: int = 512  # head size 64 as GPT-2; 13M parameters, a forward of ~70 ms per stage and micro-batch here
     steps: int = 20  # K steps per run ...
     warmup_steps: int = 4  # ... of which the first w are not timed ...
     cooldown_steps: int = 1  # ... nor the last c: the pipeline's end of run (see the module docstring)
