@@ -421,8 +421,8 @@ def _mean_costs(events: list[TimelineEvent], window: tuple[float, float]) -> dic
     varies, which a schedule without slack pays for (see ``replay_utilization``)."""
     inside = [e for e in events if window[0] <= e.start and e.end <= window[1]]
     out = {}
-    for key, category in (("forward", "forward"), ("backward", "backward"), ("step", "step")):
-        durations = [e.duration for e in inside if e.category == category]
+    for key in ("forward", "backward", "step"):
+        durations = [e.duration for e in inside if e.category == key]
         out[f"{key}_s"] = statistics.fmean(durations) if durations else 0.0
         if key != "step":
             out[f"{key}_cv"] = statistics.pstdev(durations) / out[f"{key}_s"] if len(durations) > 1 else 0.0

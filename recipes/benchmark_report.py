@@ -41,7 +41,8 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
     for run in runs:
         by_name.setdefault(run["name"], []).append(run)
     rate = {(r["name"], r["round"]): r["tokens_per_s"] for r in runs}
-    work = {(r["name"], r["round"]): _compute_per_batch(cfg, r["stages"]) for r in runs}
+    per_stage = {(r["name"], r["round"]): _stage_work(cfg, r["stages"]) for r in runs}
+    work = {key: sum(w) for key, w in per_stage.items() if w}  # compute seconds per batch, all stages
     for run in runs:
         _add_balance_ceiling(cfg, run["stages"])
     out = {}
@@ -57,10 +58,10 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
             row[f"vs_{base}_min"], row[f"vs_{base}_max"] = (min(ratios), max(ratios)) if ratios else (None, None)
             # The same ratio at equal compute speed: the two runs' compute per batch (the same work)
             # differs only by how fast the machine ran in each, which scales all of a run's time.
-            pairs = [((name, r["round"]), (base, r["round"])) for r in rs if (base, r["round"]) in rate]
-            pairs = [(a, b) for a, b in pairs if work[a] and work[b]]
-            row[f"vs_{base}_equal_compute"] = _median([rate[a] * work[a] / (rate[b] * work[b]) for a, b in pairs])
-            row[f"vs_{base}_equal_compute_per_round"] = [rate[a] * work[a] / (rate[b] * work[b]) for a, b in pairs]
+            pairs = [((name, r["round"]), (base, r["round"])) for r in rs]
+            pairs = [(a, b) for a, b in pairs if work.get(a) and work.get(b)]
+            equal = [rate[a] * work[a] / (rate[b] * work[b]) for a, b in pairs]
+            row[f"vs_{base}_equal_compute"], row[f"vs_{base}_equal_compute_per_round"] = _median(equal), equal
             row[f"compute_vs_{base}"] = _median([work[a] / work[b] for a, b in pairs])
         stages = []
         for k, first in enumerate(rs[0]["stages"]):
@@ -81,12 +82,6 @@ def _stage_work(cfg: Config, stages: list[dict[str, Any]]) -> list[float] | None
     if not all("forward_s" in s for s in stages):
         return None
     return [cfg.micro_batches * (s["forward_s"] + s["backward_s"]) + s["step_s"] for s in stages]
-
-
-def _compute_per_batch(cfg: Config, stages: list[dict[str, Any]]) -> float | None:
-    """Compute seconds per batch summed over the stages."""
-    work = _stage_work(cfg, stages)
-    return sum(work) if work else None
 
 
 def _add_balance_ceiling(cfg: Config, stages: list[dict[str, Any]]) -> None:
