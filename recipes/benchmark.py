@@ -43,7 +43,9 @@ while the last stage finishes, an edge a long run does not have):
   CPU idle, and every run records the share of CPU time they took meanwhile (``foreign_cpu``);
   each round starts by timing a micro-batch forward+backward on each process alone, then on all
   at once (``machine.concurrency``): whether the cores really run the stages in parallel, and how
-  much the time of that same work varies from one repeat to the next (``alone_cv``, ``together_cv``).
+  much the time of that same work varies from one repeat to the next (``alone_cv``, ``together_cv``),
+  and how much longer the slowest process took than the fastest while all ran it at once
+  (``rank_spread``: the cores' speeds differ, so the stage on the faster one waits).
 
 ``--lightning-sigterm-broadcast`` puts back, in our runs, the broadcast of rank 0's SIGTERM flag
 that Lightning 2.6 makes before every training batch and that PACIStrategy replaces by a local
@@ -295,7 +297,8 @@ class Bench:
     def concurrency(self, repeats: int = 10) -> dict[str, float]:
         """Does this machine run the stage processes in parallel, and how steadily? Seconds per
         whole-model micro-batch forward+backward (one thread) on each rank alone, then on all ranks at
-        once; ``*_cv`` is the coefficient of variation of the repeats: the same work, timed again."""
+        once; ``*_cv`` is the coefficient of variation of the repeats: the same work, timed again;
+        ``rank_spread``: the slowest rank's mean time over the fastest's, minus 1, all at once."""
         model = self.model()
         x, y = next(iter(self.data.train_dataloader()))
         x, y = x[: len(x) // self.cfg.micro_batches], y[: len(y) // self.cfg.micro_batches]
@@ -325,9 +328,11 @@ class Bench:
             return statistics.fmean(means), statistics.fmean(cvs)
 
         (alone_s, alone_cv), (together_s, together_cv) = mean_and_cv(0), mean_and_cv(1)
+        per_rank = [statistics.fmean(g[1]) for g in gathered]
         return {"alone_s": alone_s, "together_s": together_s, "slowdown": together_s / alone_s,
                 "parallel_speedup": self.cfg.stages * alone_s / together_s,
-                "alone_cv": alone_cv, "together_cv": together_cv}
+                "alone_cv": alone_cv, "together_cv": together_cv,
+                "rank_spread": max(per_rank) / min(per_rank) - 1.0}
 
     def single(self, name: str) -> dict[str, Any]:
         """The whole model in this process, one device, one thread or every core (rank 0 only)."""

@@ -272,6 +272,7 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
     out.mkdir(parents=True, exist_ok=True)
     concurrency = {key: _median([c[key] for c in rounds]) for key in rounds[0]}
     concurrency["parallel_speedup_per_round"] = [c["parallel_speedup"] for c in rounds]
+    concurrency["rank_spread_per_round"] = [c["rank_spread"] for c in rounds]
     summary = summarize(cfg, runs)
     sim = simulator_check(cfg, summary, out)
     artifacts = draw(cfg, timelines, sim.pop("_results"), out)
@@ -298,6 +299,11 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
           f"than alone (median; parallel speedup per round {speedups} of {cfg.stages}); the same micro-batch "
           f"forward+backward, repeated, varies by {100 * concurrency['alone_cv']:.1f}% alone and "
           f"{100 * concurrency['together_cv']:.1f}% with all stages busy (coefficient of variation)")
+    spreads = ", ".join(f"{100 * v:.1f}%" for v in concurrency["rank_spread_per_round"])
+    spread = 100 * concurrency["rank_spread"]
+    print(f"machine: running that same work at once, the slowest process took {spread:.1f}% longer than"
+          f" the fastest (median; per round {spreads}): cores of unequal speed, so a stage on the "
+          "faster one waits for the other")
     noisy = [f"{r['name']}#{r['round']}" for r in runs if r["foreign_cpu"] > 0.05]
     if noisy:
         print(f"WARNING: other processes used more than 5% of the CPU during {', '.join(noisy)}: rerun when quiet")

@@ -65,6 +65,8 @@ def test_tiny_benchmark_runs_and_writes_every_field(tmp_path: Path) -> None:
     assert result["simulator"]["shared"]["predicted_paci_vs_pipe_1f1b"] > 1.0
     concurrency = result["machine"]["concurrency"]
     assert concurrency["parallel_speedup"] > 0 and concurrency["alone_cv"] >= 0 and concurrency["together_cv"] >= 0
+    assert concurrency["rank_spread"] >= 0
+    assert len(concurrency["rank_spread_per_round"]) == len(concurrency["parallel_speedup_per_round"])
     assert json.loads((out / "costs.json").read_text())["stages"][1]["backward_s"] > 0
     for path in result["artifacts"].values():
         assert Path(path).stat().st_size > 0
