@@ -90,7 +90,16 @@ from lightning_paci.memory import PeakMemory
 from lightning_paci.partition import partition_model
 from lightning_paci.schedules import PlanSpec
 from lightning_paci.timeline import TimelineEvent
-from recipes.benchmark_report import OURS, PEERS, PIPELINES, SINGLES, replay_ceiling, report, time_budget
+from recipes.benchmark_report import (
+    OURS,
+    PEERS,
+    PIPELINES,
+    SINGLES,
+    replay_ceiling,
+    report,
+    time_budget,
+    timed_steps,
+)
 from recipes.data import StdlibCorpus
 from recipes.gpt import GPT
 
@@ -200,8 +209,8 @@ class Bench:
 
     def _window(self, ends: list[float]) -> tuple[float, float]:
         """From the end of step w to the end of step K-c (rank 0's clock): the timed steps."""
-        cfg = self.cfg
-        return ends[cfg.warmup_steps - 1], ends[cfg.steps - cfg.cooldown_steps - 1]
+        first, last = timed_steps(self.cfg)
+        return ends[first], ends[last]
 
     def _rate(self, ends: list[float]) -> float:
         cfg = self.cfg
@@ -322,17 +331,16 @@ class Bench:
         gathered: list[Any] = [None] * self.cfg.stages
         dist.all_gather_object(gathered, (alone, together))
 
-        def mean_and_cv(k: int) -> tuple[float, float]:
+        def per_rank(k: int) -> tuple[list[float], float]:  # each rank's mean, and the mean CV
             means = [statistics.fmean(g[k]) for g in gathered]
-            cvs = [statistics.pstdev(g[k]) / statistics.fmean(g[k]) for g in gathered]
-            return statistics.fmean(means), statistics.fmean(cvs)
+            return means, statistics.fmean(statistics.pstdev(g[k]) / m for g, m in zip(gathered, means))
 
-        (alone_s, alone_cv), (together_s, together_cv) = mean_and_cv(0), mean_and_cv(1)
-        per_rank = [statistics.fmean(g[1]) for g in gathered]
+        (alone_means, alone_cv), (together_means, together_cv) = per_rank(0), per_rank(1)
+        alone_s, together_s = statistics.fmean(alone_means), statistics.fmean(together_means)
         return {"alone_s": alone_s, "together_s": together_s, "slowdown": together_s / alone_s,
                 "parallel_speedup": self.cfg.stages * alone_s / together_s,
                 "alone_cv": alone_cv, "together_cv": together_cv,
-                "rank_spread": max(per_rank) / min(per_rank) - 1.0}
+                "rank_spread": max(together_means) / min(together_means) - 1.0}
 
     def single(self, name: str) -> dict[str, Any]:
         """The whole model in this process, one device, one thread or every core (rank 0 only)."""

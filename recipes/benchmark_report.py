@@ -44,7 +44,7 @@ def summarize(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
     per_stage = {(r["name"], r["round"]): _stage_work(cfg, r["stages"]) for r in runs}
     work = {key: sum(w) for key, w in per_stage.items() if w}  # compute seconds per batch, all stages
     for run in runs:
-        _add_balance_ceiling(cfg, run["stages"])
+        _add_balance_ceiling(run["stages"], per_stage[run["name"], run["round"]])
     out = {}
     for name, rs in by_name.items():
         tps = [r["tokens_per_s"] for r in rs]
@@ -84,10 +84,9 @@ def _stage_work(cfg: Config, stages: list[dict[str, Any]]) -> list[float] | None
     return [cfg.micro_batches * (s["forward_s"] + s["backward_s"]) + s["step_s"] for s in stages]
 
 
-def _add_balance_ceiling(cfg: Config, stages: list[dict[str, Any]]) -> None:
-    """``balance_ceiling``: a stage's compute per batch over the busiest stage's, from the run's mean
-    action costs. A stage cannot be busier than that: it waits for the slower one."""
-    work = _stage_work(cfg, stages)
+def _add_balance_ceiling(stages: list[dict[str, Any]], work: list[float] | None) -> None:
+    """``balance_ceiling``: a stage's compute per batch (``_stage_work``) over the busiest stage's.
+    A stage cannot be busier than that: it waits for the slower one."""
     if work is None:
         return
     for s, w in zip(stages, work):
@@ -134,6 +133,11 @@ def time_budget(events: list[TimelineEvent], batch_starts: set[str],
     return {key: value / length for key, value in budget.items()}
 
 
+def timed_steps(cfg: Config) -> tuple[int, int]:
+    """0-based steps whose ends bound the timed window: step w (warm-up) and step K-c (end of run)."""
+    return cfg.warmup_steps - 1, cfg.steps - cfg.cooldown_steps - 1
+
+
 def replay_ceiling(cfg: Config, schedule: str, timeline: list[TimelineEvent]) -> dict[str, Any]:
     """Utilization the plan allows given the run's own action times: the plan replayed with every
     action's measured duration and nothing between actions (``simulate.replay``), over the same
@@ -152,7 +156,8 @@ def replay_ceiling(cfg: Config, schedule: str, timeline: list[TimelineEvent]) ->
         count += len(spec.batch(last, k))
         closes.append(count - 1)
     ends = [e.end for e in events if e.stage == last]
-    window = (ends[closes[cfg.warmup_steps - 1]], ends[closes[cfg.steps - cfg.cooldown_steps - 1]])
+    first, last_step = timed_steps(cfg)
+    window = (ends[closes[first]], ends[closes[last_step]])
     utilization = [time_budget([e for e in events if e.stage == i], set(), window)["compute"] for i in range(n)]
     return {"utilization": utilization, "length": window[1] - window[0]}
 
