@@ -12,6 +12,7 @@ and at the end of fit.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.distributed import (
+    _destroy_dist_connection,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
 )
@@ -225,7 +227,12 @@ class PACIStrategy(ParallelStrategy):
         self.set_world_ranks()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
-        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        if not dist.is_initialized():
+            _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+            if backend != "nccl":  # Lightning registers this for NCCL only; a gloo group left to the
+                # interpreter's finalization can abort the process ("terminate called without an
+                # active exception", pytorch/pytorch#190489)
+                atexit.register(_destroy_dist_connection)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
