@@ -22,8 +22,11 @@ STRATEGY_NAMES = {"paci": "paci", "1f1b": "pipe_1f1b", "gpipe": "pipe_gpipe"}
 
 
 def check_schedule(name: str) -> str:
+    """The schedule ``name`` stands for; Lightning's strategy names (``"pipe_1f1b"``) are accepted too."""
+    name = {strategy: schedule for schedule, strategy in STRATEGY_NAMES.items()}.get(name, name)
     if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)} (or the strategy "
+                         f"names {', '.join(STRATEGY_NAMES.values())})")
     return name
 
 
@@ -81,7 +84,7 @@ class PlanSpec:
     accumulation: int
 
     def __post_init__(self) -> None:
-        check_schedule(self.schedule)
+        object.__setattr__(self, "schedule", check_schedule(self.schedule))  # "pipe_1f1b" -> "1f1b"
         for name in ("n_stages", "micro_batches", "accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

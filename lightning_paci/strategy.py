@@ -29,7 +29,7 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
@@ -57,7 +57,7 @@ class PACIStrategy(ParallelStrategy):
 
     Args:
         schedule: ``"paci"`` (asynchronous, no flush, bounded drift), ``"1f1b"`` (1F1B-flush) or
-            ``"gpipe"``.
+            ``"gpipe"``; the strategy names ``"pipe_1f1b"``/``"pipe_gpipe"`` mean the same.
         micro_batches: micro-batches per global batch (the DataLoader's batch); the batch size must
             be divisible by it. Each stage steps after ``micro_batches * accumulate_grad_batches``
             backwards.
@@ -79,7 +79,7 @@ class PACIStrategy(ParallelStrategy):
 
     def __init__(
         self,
-        schedule: Literal["paci", "1f1b", "gpipe"] = "paci",
+        schedule: Literal["paci", "1f1b", "gpipe", "pipe_1f1b", "pipe_gpipe"] = "paci",
         micro_batches: int = 4,
         stages: int | None = None,
         split_points: list[str] | None = None,
@@ -99,7 +99,7 @@ class PACIStrategy(ParallelStrategy):
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin)
-        check_schedule(schedule)
+        schedule = check_schedule(schedule)
         if not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
         if stages is not None and stages < 1:
@@ -501,7 +501,7 @@ class PACIStrategy(ParallelStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         for schedule, name in STRATEGY_NAMES.items():
             strategy_registry.register(name, cls, description=f"pipeline parallel, {schedule} schedule",
-                                       schedule=schedule)
+                                       override=True, schedule=schedule)
 
 
 def _alias_parameters(optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, nn.Parameter]]:
@@ -528,3 +528,7 @@ def _flat_telemetry(telemetry: list[dict[str, Any]]) -> dict[str, float]:
         for drift, count in t["drift_histogram"].items():
             out[f"pipeline/stage{t['stage']}/drift_{drift}"] = float(count)
     return out
+
+
+# ``import lightning_paci`` brings this module in (see _registration.py): Trainer(strategy="paci") works.
+PACIStrategy.register_strategies(StrategyRegistry)

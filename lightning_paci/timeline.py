@@ -109,7 +109,11 @@ def plot_gantt(events_by_title: Mapping[str, Iterable[TimelineEvent]], path: str
     when it is wide enough on screen for the digits, so small plans read like the plan grid while
     long runs stay uncluttered.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("plot_gantt draws with matplotlib, which the library itself does not need: "
+                          'pip install "lightning-paci[recipes]" (or matplotlib)') from error
 
     matplotlib.use("Agg")  # no display on training nodes; Agg always exists
     import matplotlib.pyplot as plt

@@ -22,7 +22,7 @@ from lightning_paci.plan import (
     validate,
     version_drift,
 )
-from lightning_paci.schedules import SCHEDULES, PlanSpec, build_plan
+from lightning_paci.schedules import SCHEDULES, PlanSpec, build_plan, check_schedule
 
 # (schedule, n_stages, micro_batches, accumulation, n_batches) -> one line per stage
 TABLES = {
@@ -188,3 +188,10 @@ def test_default_accumulation_is_micro_batches() -> None:
     assert build_plan("paci", 2, 3).accumulation == 3
     with pytest.raises(ValueError, match="unknown schedule"):
         build_plan("zb", 2, 3)
+
+
+def test_strategy_names_are_accepted_as_schedules() -> None:
+    # One name for one thing: PACIStrategy(schedule="pipe_1f1b") is the strategy named "pipe_1f1b".
+    assert [check_schedule(n) for n in ("paci", "pipe_1f1b", "pipe_gpipe", "1f1b")] == ["paci", "1f1b", "gpipe",
+                                                                                        "1f1b"]
+    assert build_plan("pipe_1f1b", 2, 3).schedule == "1f1b"

@@ -210,12 +210,23 @@ def _imports_without(code: str, blocked: tuple[str, ...] = ("torch",)) -> subpro
                           check=False)
 
 
-def test_simulate_module_imports_no_torch() -> None:
-    # Load the package as a bare namespace so only simulate.py and what it imports run; matplotlib
-    # must wait for plot_gantt too.
-    stub = ("import types; pkg = types.ModuleType('lightning_paci'); pkg.__path__ = ['lightning_paci']\n"
-            "sys.modules['lightning_paci'] = pkg\n"
-            "import lightning_paci.simulate\n")
-    done = _imports_without(stub, ("torch", "matplotlib"))
+def test_planning_core_imports_no_torch() -> None:
+    # The real package: its __init__ runs first and must not load torch (or Lightning) either;
+    # matplotlib waits for plot_gantt.
+    code = "import lightning_paci.plan, lightning_paci.schedules, lightning_paci.simulate, lightning_paci.timeline\n"
+    done = _imports_without(code, ("torch", "lightning", "matplotlib"))
     assert done.returncode == 0, done.stderr
 
+
+@pytest.mark.parametrize("order", ["lightning first", "lightning_paci first", "strategy module only"])
+def test_import_registers_strategy_names_in_any_order(order: str) -> None:
+    first = {"lightning first": "import lightning as L\nimport lightning_paci\n",
+             "lightning_paci first": "import lightning_paci\nimport lightning as L\n",
+             "strategy module only": "from lightning_paci.strategy import PACIStrategy\nimport lightning as L\n"}
+    code = first[order] + (
+        "from lightning.pytorch.strategies import StrategyRegistry\n"
+        "assert {'paci', 'pipe_1f1b', 'pipe_gpipe'} <= set(StrategyRegistry), list(StrategyRegistry)\n"
+        "trainer = L.Trainer(strategy='pipe_gpipe', accelerator='cpu', devices=2, logger=False)\n"
+        "assert type(trainer.strategy).__name__ == 'PACIStrategy' and trainer.strategy.schedule == 'gpipe'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

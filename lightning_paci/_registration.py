@@ -1,0 +1,62 @@
+"""Registering ``"paci"``, ``"pipe_1f1b"`` and ``"pipe_gpipe"`` with Lightning without importing it first.
+
+Lightning 2.6 fills its ``StrategyRegistry`` only from its own modules, so the names exist once
+``lightning_paci.strategy`` has run (it registers them at its end). ``import lightning_paci`` must make
+that happen, yet ``import lightning_paci.simulate`` (which runs the package's ``__init__`` first) must not
+load torch. So: if ``lightning.pytorch`` is loaded already, import the strategy now; otherwise a finder on
+``sys.meta_path`` waits for ``lightning.pytorch`` and imports the strategy right after that module has
+run, before any ``Trainer(strategy="paci")`` can look the name up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
+
+LIGHTNING = "lightning.pytorch"
+STRATEGY_MODULE = "lightning_paci.strategy"
+
+
+def _import_strategy() -> None:
+    # Already importing (e.g. a spawned worker unpickling PACIStrategy): it registers itself at its end.
+    if STRATEGY_MODULE not in sys.modules:
+        importlib.import_module(STRATEGY_MODULE)
+
+
+class _ThenImportStrategy(importlib.abc.Loader):
+    """Runs ``lightning.pytorch`` with its own loader, then imports the strategy module."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        _import_strategy()
+
+    def __getattr__(self, name: str) -> Any:  # resource readers, is_package, ... of the real loader
+        return getattr(self.loader, name)
+
+
+class _WhenLightningLoads(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != LIGHTNING:
+            return None
+        sys.meta_path.remove(self)  # once; and let the other finders locate the real module
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenImportStrategy(spec.loader)
+        return spec
+
+
+def register_strategies_when_lightning_loads() -> None:
+    if LIGHTNING in sys.modules:
+        _import_strategy()
+    elif not any(isinstance(f, _WhenLightningLoads) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WhenLightningLoads())
