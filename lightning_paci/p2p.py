@@ -2,7 +2,10 @@
 
 Activations flow down the pipeline (stage i -> i+1), gradients come back (i+1 -> i) together with
 the micro-batch's loss, so every stage learns the loss without a collective. Each direction carries
-one kind of message and both ends handle micro-batches in the same order, so FIFO matching suffices.
+one kind of message on a process group of its own (``boundary_groups``) and both ends handle
+micro-batches in the same order, so FIFO matching suffices, under gloo's per-message matching and
+under NCCL's one stream per group and rank pair alike (comm.py models both and proves every plan's
+order of posts deadlock-free; on one shared group NCCL would deadlock at the first backward).
 
 An activation message is a fixed-size int64 header (count, then dtype code, rank and sizes of each
 tensor) followed by the tensors; the receiver checks what arrives against what it expects to
@@ -36,6 +39,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -81,13 +86,33 @@ def failure_note() -> str | None:
     return None
 
 
+def boundary_groups(rank_of_stage: list[int], timeout: timedelta | None = None) -> list[tuple[Any, Any]]:
+    """``(activations, gradients)`` process groups of every stage boundary (stage b -> b+1).
+
+    A collective: every rank creates every group, in the same order, as torch.distributed requires
+    (ranks outside a group get a non-member placeholder). Each direction has a group of its own
+    because ProcessGroupNCCL runs all operations of one group between two ranks on one stream, in
+    posted order, for both directions: a gradient receive posted early would block the activation
+    send queued behind it while the peer waits for that activation (comm.py proves both models).
+    """
+    return [tuple(dist.new_group([rank_of_stage[b], rank_of_stage[b + 1]], timeout=timeout) for _ in range(2))
+            for b in range(len(rank_of_stage) - 1)]
+
+
 class StageLink:
-    """The sends and receives of one stage with its neighbours (global ranks ``prev``/``next``)."""
+    """The sends and receives of one stage with its neighbours (global ranks ``prev``/``next``).
+
+    ``groups`` are ``boundary_groups``' result (None: the default group carries everything, which is
+    safe on gloo only).
+    """
 
     def __init__(self, stage: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
-                 group: dist.ProcessGroup | None = None) -> None:
+                 groups: list[tuple[Any, Any]] | None = None) -> None:
         self.stage, self.prev_rank, self.next_rank = stage, prev_rank, next_rank
-        self.device, self.group = device, group
+        self.device = device
+        # (activations, gradients) groups of the boundary in front of this stage and of the one after it
+        self._prev_groups = groups[stage - 1] if groups and prev_rank is not None else (None, None)
+        self._next_groups = groups[stage] if groups and next_rank is not None else (None, None)
         self.wait_s = 0.0  # time blocked in receives and send back-pressure (telemetry)
         # (start, end, "recv"|"send") of every wait, kept only while a timeline is recorded
         self.wait_log: list[tuple[float, float, str]] | None = None
@@ -110,9 +135,10 @@ class StageLink:
         fields += [0] * (_HEADER_LEN - len(fields))
         header = torch.tensor(fields, dtype=torch.int64, device=self.device)
         if self._sent_header is not None and fields != self._sent_header:
-            self._send([header] + self._empty(self._sent_header), self.next_rank)  # fills the receiver's guess
+            self._send([header] + self._empty(self._sent_header), self.next_rank,
+                       self._next_groups[0])  # fills the receiver's guess
         self._sent_header = fields
-        self._send([header] + [t.detach().contiguous() for t in tensors], self.next_rank)
+        self._send([header] + [t.detach().contiguous() for t in tensors], self.next_rank, self._next_groups[0])
 
     def expect_activations(self) -> None:
         """Post the next activation message's receive now, shaped like the last one, so that gloo
@@ -121,7 +147,8 @@ class StageLink:
         if self._early_activations is None:
             header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
             guess = self._empty(self._received_header) if self._received_header is not None else []
-            self._early_activations = (header, guess, self._post([header] + guess, self.prev_rank))
+            self._early_activations = (header, guess, self._post([header] + guess, self.prev_rank,
+                                                                 self._prev_groups[0]))
 
     def recv_activations(self) -> list[Tensor]:
         self.expect_activations()
@@ -133,7 +160,7 @@ class StageLink:
         # The link's first message, or new shapes (then `guess` got placeholders and the message follows).
         again = [header] if self._received_header is not None else []
         self._received_header, buffers = fields, self._empty(fields)
-        self._recv(again + buffers, self.prev_rank)
+        self._recv(again + buffers, self.prev_rank, self._prev_groups[0])
         return buffers
 
     def _empty(self, fields: list[int]) -> list[Tensor]:
@@ -148,7 +175,7 @@ class StageLink:
     # -- gradients (+ the micro-batch loss) ---------------------------------------------------
     def send_grads(self, grads: list[Tensor], loss: Tensor) -> None:
         loss = loss.detach().reshape(1).to(device=self.device, dtype=torch.float64)
-        self._send([g.contiguous() for g in grads] + [loss], self.prev_rank)
+        self._send([g.contiguous() for g in grads] + [loss], self.prev_rank, self._prev_groups[1])
 
     def expect_grads(self, outputs: list[Tensor]) -> None:
         """Post the receive of the gradients for ``outputs`` (just sent on) now. Backwards run in
@@ -156,7 +183,7 @@ class StageLink:
         takes these in FIFO order and none is left posted."""
         buffers = [torch.empty_like(o) for o in outputs]
         buffers.append(torch.empty(1, dtype=torch.float64, device=self.device))
-        self._early_grads.append((buffers, self._post(buffers, self.next_rank)))
+        self._early_grads.append((buffers, self._post(buffers, self.next_rank, self._next_groups[1])))
 
     def recv_grads(self, outputs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         if not self._early_grads:
@@ -171,19 +198,19 @@ class StageLink:
         while self._pending:
             self._wait_oldest_send()
 
-    def _send(self, tensors: list[Tensor], peer: int | None) -> None:
+    def _send(self, tensors: list[Tensor], peer: int | None, group: Any) -> None:
         assert peer is not None, f"stage {self.stage} has no neighbour to send to"
         for t in tensors:
-            self._pending.append((dist.isend(t, peer, group=self.group), [t]))
+            self._pending.append((dist.isend(t, peer, group=group), [t]))
         while len(self._pending) > _MAX_PENDING_SENDS:
             self._wait_oldest_send()
 
-    def _post(self, buffers: list[Tensor], peer: int | None) -> list[dist.Work]:
+    def _post(self, buffers: list[Tensor], peer: int | None, group: Any) -> list[dist.Work]:
         assert peer is not None, f"stage {self.stage} has no neighbour to receive from"
-        return [dist.irecv(b, peer, group=self.group) for b in buffers]
+        return [dist.irecv(b, peer, group=group) for b in buffers]
 
-    def _recv(self, buffers: list[Tensor], peer: int | None) -> list[Tensor]:
-        self._wait_all(self._post(buffers, peer), peer)
+    def _recv(self, buffers: list[Tensor], peer: int | None, group: Any) -> list[Tensor]:
+        self._wait_all(self._post(buffers, peer, group), peer)
         return buffers
 
     def _wait_all(self, works: list[dist.Work], peer: int | None) -> None:

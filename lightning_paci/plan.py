@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from lightning_paci.comm import EAGER, PER_DIRECTION, check_transport, lower_plan
+
 FORWARD, BACKWARD, STEP = "F", "B", "S"
 _ACTION_RE = re.compile(r"^(?:([FB])(\d+)|S)$")
 
@@ -129,8 +131,10 @@ def drift_bound(stage: int, n_stages: int, accumulation: int) -> int:
 def validate(plan: Plan) -> None:
     """Raise ValueError unless the plan is complete, ordered, stepped correctly and deadlock-free.
 
-    Deadlock freedom is checked by running the plan with blocking receives and non-blocking sends:
-    F(j) on stage i waits for F(j) on stage i-1, B(j) on stage i waits for B(j) on stage i+1.
+    Deadlock freedom is checked on the messages the plan implies, posted as the runtime posts them
+    (comm.lower), under both gloo's and NCCL's matching rules with the runtime's process groups (one
+    per direction and boundary): F(j) on stage i waits for F(j)'s activations from stage i-1, B(j) on
+    stage i for B(j)'s gradient from stage i+1, and nothing else blocks on NCCL either.
     """
     n_micro = plan.n_batches * plan.micro_batches
     for i, actions in enumerate(plan.stages):
@@ -159,28 +163,6 @@ def validate(plan: Plan) -> None:
                 since_step = 0
         if since_step:
             raise ValueError(f"stage {i}: plan ends with {since_step} backwards not stepped (not drained)")
-    _check_deadlock_free(plan)
-
-
-def _check_deadlock_free(plan: Plan) -> None:
-    n = plan.n_stages
-    cursor = [0] * n
-    done: list[set[Action]] = [set() for _ in range(n)]
-    progress = True
-    while progress:
-        progress = False
-        for i in range(n):
-            while cursor[i] < len(plan.stages[i]):
-                action = plan.stages[i][cursor[i]]
-                if action.kind == FORWARD and i > 0 and action not in done[i - 1]:
-                    break
-                if action.kind == BACKWARD and i < n - 1 and action not in done[i + 1]:
-                    break
-                done[i].add(action)
-                cursor[i] += 1
-                progress = True
-    stuck = [i for i in range(n) if cursor[i] < len(plan.stages[i])]
-    if stuck:
-        i = stuck[0]
-        raise ValueError(f"plan deadlocks: stage {i} waits forever at slot {cursor[i]}\n"
-                         + plan.grid(mark=(i, cursor[i])))
+    programs = lower_plan(plan, EAGER)
+    for transport in ("gloo", "nccl"):
+        check_transport(programs, transport, PER_DIRECTION)

@@ -43,7 +43,7 @@ from lightning_paci.launch import (
     PipelineSync,
     drop_per_batch_sigterm_broadcast,
 )
-from lightning_paci.p2p import StageLink
+from lightning_paci.p2p import StageLink, boundary_groups
 from lightning_paci.partition import PARTITIONS, Partition, partition_model
 from lightning_paci.plan import drift_bound
 from lightning_paci.runtime import StageRuntime
@@ -120,6 +120,7 @@ class PACIStrategy(ParallelStrategy):
         self._aliases: list[tuple[nn.Parameter, nn.Parameter]] = []
         self._schedulers: list[Any] = []
         self._view: StageView | None = None
+        self._boundary_groups: list[tuple[Any, Any]] | None = None
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
         self.telemetry: list[dict[str, Any]] | None = None
@@ -233,6 +234,8 @@ class PACIStrategy(ParallelStrategy):
                 # interpreter's finalization can abort the process ("terminate called without an
                 # active exception", pytorch/pytorch#190489)
                 atexit.register(_destroy_dist_connection)
+        ranks = [self.world_size - 1 - i for i in range(self.n_stages)]  # stage i on rank N-1-i
+        self._boundary_groups = boundary_groups(ranks, self._timeout)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -303,7 +306,7 @@ class PACIStrategy(ParallelStrategy):
         rank = self.global_rank
         link = StageLink(self.stage, prev_rank=rank + 1 if self.stage > 0 else None,
                          next_rank=rank - 1 if self.stage < self.n_stages - 1 else None,
-                         device=self.root_device)
+                         device=self.root_device, groups=self._boundary_groups)
         fitting = trainer.state.fn == TrainerFn.FITTING
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
         self.runtime = StageRuntime(

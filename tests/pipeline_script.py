@@ -95,9 +95,21 @@ def main() -> None:
     parser.add_argument("--record-batches", action="store_true", help="write each rank's batch sums")
     parser.add_argument("--count-collectives", action="store_true",
                         help="count torch.distributed collectives issued inside training batches")
+    parser.add_argument("--nccl-order", action="store_true",
+                        help="run isend/irecv under NCCL's ordering rules (tests/nccl_order.py)")
+    parser.add_argument("--shared-group", action="store_true",
+                        help="both directions on the default group, as fedc153 did (to show it hangs on NCCL)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
+    if args.nccl_order:
+        from tests import nccl_order
+
+        nccl_order.install(timeout_s=args.timeout)
+    if args.shared_group:
+        import lightning_paci.strategy
+
+        lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None: None
     L.seed_everything(0, verbose=False)
     module_class = TwoOptimizers if args.two_optimizers else LitTiny
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,

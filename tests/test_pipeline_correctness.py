@@ -1,4 +1,9 @@
-"""Multi-process pipeline runs (gloo, CPU, float64) against single-process references."""
+"""Multi-process pipeline runs (gloo, CPU, float64) against single-process references.
+
+The schedule correctness runs go through tests/nccl_order.py: every send and receive of one process
+group and rank pair runs one at a time in posted order, as on NCCL, so they prove the transport's
+order of operations NCCL-safe as well as the numbers right.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ def assert_same(actual: dict, expected: dict, tol: float = 1e-10) -> None:
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_flush_schedules_match_single_process_training(tmp_path, schedule, stages):
-    result, params = run_pipeline(tmp_path, "--schedule", schedule, "--stages", str(stages),
+    result, params = run_pipeline(tmp_path, "--nccl-order", "--schedule", schedule, "--stages", str(stages),
                                   "--steps", str(STEPS), "--micro-batches", str(M))
     assert result["state"] == "finished"
     expected = train_reference(LAYERS, batches(BATCH, STEPS))
@@ -63,9 +68,9 @@ def test_flush_schedules_match_single_process_training(tmp_path, schedule, stage
 
 @pytest.mark.parametrize("stages,micro_batches,fork", [(2, 4, False), (3, 1, True)])
 def test_paci_matches_replay_of_its_plan_and_drift_bound(tmp_path, stages, micro_batches, fork):
-    result, params = run_pipeline(tmp_path, "--schedule", "paci", "--stages", str(stages), "--steps",
-                                  str(STEPS), "--micro-batches", str(micro_batches), "--batch-size", "4",
-                                  "--sched", fork=fork)
+    result, params = run_pipeline(tmp_path, "--nccl-order", "--schedule", "paci", "--stages", str(stages),
+                                  "--steps", str(STEPS), "--micro-batches", str(micro_batches),
+                                  "--batch-size", "4", "--sched", fork=fork)
     spec = PlanSpec("paci", stages, micro_batches, micro_batches)
     partition = partition_model(fresh_model(LAYERS), stages)
     units = [partition.stage_units(i) for i in range(stages)]
@@ -97,3 +102,13 @@ def test_accumulate_grad_batches_and_dict_batches(tmp_path):
     assert result["global_step"] == 3
     assert all(t["optimizer_steps"] == 3 for t in result["telemetry"])
     assert_same(params, train_reference(LAYERS, batches(BATCH, 3, accumulate=2), accumulate=2))
+
+
+def test_one_shared_group_hangs_under_nccl_order(tmp_path):
+    """The emulation bites: fedc153's layout (both directions on the default group) stops at the first
+    backward under NCCL's order, as comm.check_transport predicts, and fails at the timeout."""
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--nccl-order", "--shared-group", "--timeout", "8",
+           "--schedule", "1f1b", "--stages", "2", "--steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "emulated NCCL order" in proc.stdout + proc.stderr

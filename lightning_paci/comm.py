@@ -1,0 +1,212 @@
+"""The messages a plan implies, and a proof that they cannot deadlock under gloo's or NCCL's rules.
+
+``lower`` turns one stage's actions into the ordered program its process runs: the compute actions
+F/B/S with the point-to-point operations between them, in the order they are posted. Two messages
+cross each stage boundary per micro-batch: ``A`` (activations, stage i -> i+1) and ``G`` (its
+gradient with the loss, i+1 -> i). Operations print compactly and parse back::
+
+    rA3  post the receive of micro-batch 3's activations      rG3  post the receive of its gradient
+    wA3  wait until that receive has completed                wG3  likewise for the gradient
+    sA3  post the send of micro-batch 3's activations         sG3  likewise for the gradient
+    W    wait for every send posted so far (at drains)
+
+Receives are posted early where the order of messages allows, so the transport moves a message while
+the stage computes: the next activations of the same batch right after a forward's input arrived, and
+a forward's gradient right after its activations were sent (``EAGER``). ``LAZY`` posts every
+receive just before its wait.
+
+Transport models, checked by ``check_transport`` (the runtime must obey the stricter one):
+
+- ``gloo``: messages match per sender/receiver pair and direction, in posted order; an operation
+  of one direction never waits for one of the other.
+- ``nccl``: ProcessGroupNCCL runs every operation of one process group between two ranks on one
+  stream, for both directions, in posted order; each send or receive completes only together with
+  its match on the peer, so a blocked head blocks everything behind it on that pair. An operation
+  can complete only when it is at the head of its stream on both ranks.
+
+``Channels`` says which process group each message kind travels on: ``SHARED`` (one group for both
+directions) or ``PER_DIRECTION`` (activations and gradients on groups of their own, hence streams of
+their own). Fidelity limits: waits block the stage's program (on CUDA the compute stream waits, not
+the host, which changes timing but not the order of posts); NCCL kernels are assumed to run
+concurrently across streams; a send's data is ready when it is posted (it follows its compute).
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+ACTIVATION, GRADIENT = "A", "G"
+POST_RECV, WAIT, SEND, WAIT_SENDS = "r", "w", "s", "W"
+EAGER, LAZY = "eager", "lazy"
+SHARED = {ACTIVATION: "pipeline", GRADIENT: "pipeline"}
+PER_DIRECTION = {ACTIVATION: "activations", GRADIENT: "gradients"}
+Transport = Literal["gloo", "nccl"]
+_OP_RE = re.compile(r"^([rws])([AG])(\d+)$|^W$")
+
+
+class CommOp(NamedTuple):
+    """One point-to-point operation: ``verb`` r/w/s/W, ``kind`` A/G (None for W), its micro-batch."""
+
+    verb: str
+    kind: str | None = None
+    micro_batch: int | None = None
+
+    def __str__(self) -> str:
+        return self.verb if self.kind is None else f"{self.verb}{self.kind}{self.micro_batch}"
+
+    __repr__ = __str__
+
+
+def parse_program(text: str) -> tuple[Any, ...]:
+    """Parse ``"rA0 wA0 F0 sA0"`` (compute actions and operations) back into a program."""
+    from lightning_paci.plan import parse_actions
+
+    out: list[Any] = []
+    for token in text.split():
+        match = _OP_RE.match(token)
+        if match is None:
+            out += parse_actions(token)
+        elif token == WAIT_SENDS:
+            out.append(CommOp(WAIT_SENDS))
+        else:
+            out.append(CommOp(match[1], match[2], int(match[3])))
+    return tuple(out)
+
+
+def lower(actions: Sequence[Any], stage: int, n_stages: int, micro_batches: int,
+          posting: str = EAGER) -> tuple[Any, ...]:
+    """One stage's program: its actions with the sends, receives and waits they imply.
+
+    Micro-batch ``j`` belongs to batch ``j // micro_batches``; with ``EAGER`` posting a stage posts
+    the next activation receive only while another forward of the same batch follows (a receive left
+    posted across a drain would swallow the first message after it).
+    """
+    if posting not in (EAGER, LAZY):
+        raise ValueError(f"posting={posting!r}: choose {EAGER!r} or {LAZY!r}")
+    first, last = stage == 0, stage == n_stages - 1
+    posted: set[int] = set()
+    out: list[Any] = []
+    for action in actions:
+        j = action.micro_batch
+        if action.kind == "F":
+            if not first:
+                if j not in posted:
+                    out.append(CommOp(POST_RECV, ACTIVATION, j))
+                posted.discard(j)
+                out.append(CommOp(WAIT, ACTIVATION, j))
+                if posting == EAGER and (j + 1) % micro_batches:
+                    out.append(CommOp(POST_RECV, ACTIVATION, j + 1))
+                    posted.add(j + 1)
+            out.append(action)
+            if not last:
+                out.append(CommOp(SEND, ACTIVATION, j))
+                if posting == EAGER:
+                    out.append(CommOp(POST_RECV, GRADIENT, j))
+        elif action.kind == "B":
+            if not last:
+                if posting == LAZY:
+                    out.append(CommOp(POST_RECV, GRADIENT, j))
+                out.append(CommOp(WAIT, GRADIENT, j))
+            out.append(action)
+            if not first:
+                out.append(CommOp(SEND, GRADIENT, j))
+        else:
+            out.append(action)
+    if posted:
+        raise ValueError(f"stage {stage}: activation receives {sorted(posted)} left posted at the end")
+    out.append(CommOp(WAIT_SENDS))
+    return tuple(out)
+
+
+def lower_plan(plan: Any, posting: str = EAGER) -> tuple[tuple[Any, ...], ...]:
+    return tuple(lower(actions, i, plan.n_stages, plan.micro_batches, posting)
+                 for i, actions in enumerate(plan.stages))
+
+
+def _peer(stage: int, op: CommOp) -> int:
+    """The other end of ``op``: activations come from i-1 and go to i+1, gradients the other way."""
+    toward_next = (op.kind == ACTIVATION) == (op.verb == SEND)
+    return stage + 1 if toward_next else stage - 1
+
+
+def _stream(stage: int, op: CommOp, transport: Transport, channels: dict[str, str]) -> tuple:
+    peer = _peer(stage, op)
+    if transport == "nccl":  # one stream per (group, rank pair), both directions
+        return channels[op.kind], min(stage, peer), max(stage, peer)
+    sender, receiver = (stage, peer) if op.verb == SEND else (peer, stage)
+    return channels[op.kind], op.kind, sender, receiver  # gloo: per message direction
+
+
+def check_transport(programs: Sequence[Sequence[Any]], transport: Transport,
+                    channels: dict[str, str] = SHARED) -> None:
+    """Run the stages' programs under ``transport``'s matching rules; raise ValueError on a deadlock.
+
+    Each stage advances through its program: compute actions and posts never block, ``w`` blocks
+    until its receive completed, ``W`` until all of the stage's sends did. A posted operation joins
+    the queue of its stream; the heads of a stream's two ends complete together when one is the
+    send of the very message the other receives.
+    """
+    if transport not in ("gloo", "nccl"):
+        raise ValueError(f"transport={transport!r}: choose 'gloo' or 'nccl'")
+    n = len(programs)
+    cursor = [0] * n
+    queues: dict[tuple, dict[int, deque[CommOp]]] = {}
+    done: list[set[CommOp]] = [set() for _ in range(n)]
+    open_sends = [0] * n
+    progress = True
+    while progress:
+        progress = False
+        for i in range(n):  # advance every stage as far as its waits allow
+            while cursor[i] < len(programs[i]):
+                op = programs[i][cursor[i]]
+                if isinstance(op, CommOp):
+                    if op.verb == WAIT and CommOp(POST_RECV, op.kind, op.micro_batch) not in done[i]:
+                        break
+                    if op.verb == WAIT_SENDS and open_sends[i]:
+                        break
+                    if op.verb in (POST_RECV, SEND):
+                        peer = _peer(i, op)
+                        if not 0 <= peer < n:
+                            raise ValueError(f"stage {i}: {op} has no peer (stage {peer})")
+                        key = _stream(i, op, transport, channels)
+                        queues.setdefault(key, {}).setdefault(i, deque()).append(op)
+                        open_sends[i] += op.verb == SEND
+                cursor[i] += 1
+                progress = True
+        for key, ends in queues.items():  # complete matching heads
+            if len(ends) < 2:
+                continue
+            (a, qa), (b, qb) = sorted(ends.items())
+            while qa and qb:
+                x, y = qa[0], qb[0]
+                if {x.verb, y.verb} != {SEND, POST_RECV} or (x.kind, x.micro_batch) != (y.kind, y.micro_batch):
+                    break
+                qa.popleft(), qb.popleft()
+                for stage, op in ((a, x), (b, y)):
+                    done[stage].add(op)
+                    open_sends[stage] -= op.verb == SEND
+                progress = True
+    stuck = [i for i in range(n) if cursor[i] < len(programs[i])]
+    pending = {key: ends for key, ends in queues.items() if any(ends.values())}
+    if stuck or pending:
+        lines = [f"the plan's messages deadlock under {transport}'s rules ({_describe(channels)}):"]
+        for i in range(n):
+            program = programs[i]
+            at = cursor[i]
+            where = (f"waits at {program[at]} (slot {at})" if at < len(program) else "finished its program")
+            lines.append(f"  stage {i} {where}; program: " + " ".join(
+                f"[{o}]" if k == at else str(o) for k, o in enumerate(program)))
+        for key, ends in pending.items():
+            heads = ", ".join(f"stage {s}: {' '.join(map(str, q))}" for s, q in sorted(ends.items()) if q)
+            lines.append(f"  stream {key}: queued {heads}")
+        raise ValueError("\n".join(lines))
+
+
+def _describe(channels: dict[str, str]) -> str:
+    if channels[ACTIVATION] == channels[GRADIENT]:
+        return "activations and gradients share one process group"
+    return "activations and gradients on separate process groups"
