@@ -7,9 +7,14 @@ micro-batches in the same order, so FIFO matching suffices, under gloo's per-mes
 under NCCL's one stream per group and rank pair alike (comm.py models both and proves every plan's
 order of posts deadlock-free; on one shared group NCCL would deadlock at the first backward).
 
-An activation message is a fixed-size int64 header (count, then dtype code, rank and sizes of each
-tensor) followed by the tensors; the receiver checks what arrives against what it expects to
-substitute. Gradient messages need no header: their shapes are the sender's own outputs.
+An activation message is a fixed-size int64 header (count, then dtype code, requires_grad, rank and
+sizes of each tensor) followed by the tensors; the receiver checks what arrives against what it
+expects to substitute. Only tensors that require grad on the sender get one on the receiver, and
+only those get a gradient back (an attention mask or a RoPE table crosses the boundary without
+one). Gradient messages need no header: their shapes are the sender's own outputs, received into
+contiguous buffers (``empty_like`` would keep an output's strides, and NCCL writes the sender's
+contiguous bytes). Headers live on the host: on CUDA they travel over a gloo group of their own,
+so reading one never waits for the device (no per-message device-to-host sync).
 
 Sticky shapes: gloo moves a message only once both ends have posted it, and on busy cores each
 such rendezvous costs milliseconds (the other side's I/O thread has to be scheduled). So the
@@ -86,17 +91,25 @@ def failure_note() -> str | None:
     return None
 
 
-def boundary_groups(rank_of_stage: list[int], timeout: timedelta | None = None) -> list[tuple[Any, Any]]:
-    """``(activations, gradients)`` process groups of every stage boundary (stage b -> b+1).
+def boundary_groups(rank_of_stage: list[int], timeout: timedelta | None = None,
+                    host_headers: bool = False) -> list[tuple[Any, Any, Any]]:
+    """``(activations, gradients, headers)`` process groups of every stage boundary (stage b -> b+1).
 
     A collective: every rank creates every group, in the same order, as torch.distributed requires
     (ranks outside a group get a non-member placeholder). Each direction has a group of its own
     because ProcessGroupNCCL runs all operations of one group between two ranks on one stream, in
     posted order, for both directions: a gradient receive posted early would block the activation
     send queued behind it while the peer waits for that activation (comm.py proves both models).
+    With ``host_headers`` (the default backend is NCCL) activation headers get a gloo group of their
+    own; otherwise they travel on the activation group.
     """
-    return [tuple(dist.new_group([rank_of_stage[b], rank_of_stage[b + 1]], timeout=timeout) for _ in range(2))
-            for b in range(len(rank_of_stage) - 1)]
+    groups = []
+    for b in range(len(rank_of_stage) - 1):
+        pair = [rank_of_stage[b], rank_of_stage[b + 1]]
+        activations, gradients = (dist.new_group(pair, timeout=timeout) for _ in range(2))
+        headers = dist.new_group(pair, timeout=timeout, backend="gloo") if host_headers else activations
+        groups.append((activations, gradients, headers))
+    return groups
 
 
 class StageLink:
@@ -110,9 +123,12 @@ class StageLink:
                  groups: list[tuple[Any, Any]] | None = None) -> None:
         self.stage, self.prev_rank, self.next_rank = stage, prev_rank, next_rank
         self.device = device
-        # (activations, gradients) groups of the boundary in front of this stage and of the one after it
-        self._prev_groups = groups[stage - 1] if groups and prev_rank is not None else (None, None)
-        self._next_groups = groups[stage] if groups and next_rank is not None else (None, None)
+        # (activations, gradients, headers) groups of the boundary in front of this stage and after it
+        self._prev_groups = groups[stage - 1] if groups and prev_rank is not None else (None, None, None)
+        self._next_groups = groups[stage] if groups and next_rank is not None else (None, None, None)
+        # headers on the host wherever they have a group of their own (or the device is the host)
+        host = device.type == "cpu" or (groups and groups[0][2] is not groups[0][0])
+        self._header_device = torch.device("cpu") if host else device
         self.wait_s = 0.0  # time blocked in receives and send back-pressure (telemetry)
         # (start, end, "recv"|"send") of every wait, kept only while a timeline is recorded
         self.wait_log: list[tuple[float, float, str]] | None = None
@@ -127,49 +143,73 @@ class StageLink:
     def send_activations(self, tensors: list[Tensor]) -> None:
         fields = [len(tensors)]
         for t in tensors:
-            fields += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+            fields += [_DTYPES.index(t.dtype), int(t.requires_grad), t.dim(), *t.shape]
         if len(fields) > _HEADER_LEN:
             raise PipelineError(f"stage {self.stage}: {len(tensors)} tensors cross the stage boundary, "
                                 f"more than a {_HEADER_LEN}-field header describes; pass fewer tensors "
                                 "between stages or choose other split_points")
         fields += [0] * (_HEADER_LEN - len(fields))
-        header = torch.tensor(fields, dtype=torch.int64, device=self.device)
+        header = torch.tensor(fields, dtype=torch.int64, device=self._header_device)
         if self._sent_header is not None and fields != self._sent_header:
-            self._send([header] + self._empty(self._sent_header), self.next_rank,
-                       self._next_groups[0])  # fills the receiver's guess
+            self._send_message(header, self._empty(self._sent_header))  # fills the receiver's guess
         self._sent_header = fields
-        self._send([header] + [t.detach().contiguous() for t in tensors], self.next_rank, self._next_groups[0])
+        self._send_message(header, [t.detach().contiguous() for t in tensors])
+
+    def _send_message(self, header: Tensor, tensors: list[Tensor]) -> None:
+        activations, _, headers = self._next_groups
+        if headers is activations:
+            self._send([header] + tensors, self.next_rank, activations)
+        else:
+            self._send([header], self.next_rank, headers)
+            self._send(tensors, self.next_rank, activations)
 
     def expect_activations(self) -> None:
         """Post the next activation message's receive now, shaped like the last one, so that gloo
         moves it while this stage computes. Only for a message that surely comes before the next
         drain (the runtime posts one while another forward of the same batch follows)."""
         if self._early_activations is None:
-            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self._header_device)
             guess = self._empty(self._received_header) if self._received_header is not None else []
-            self._early_activations = (header, guess, self._post([header] + guess, self.prev_rank,
-                                                                 self._prev_groups[0]))
+            self._early_activations = (header, guess, self._post_message(header, guess))
+
+    def _post_message(self, header: Tensor | None, tensors: list[Tensor]) -> list[dist.Work]:
+        activations, _, headers = self._prev_groups
+        if header is None:
+            return self._post(tensors, self.prev_rank, activations)
+        if headers is activations:
+            return self._post([header] + tensors, self.prev_rank, activations)
+        return self._post([header], self.prev_rank, headers) + self._post(tensors, self.prev_rank, activations)
 
     def recv_activations(self) -> list[Tensor]:
         self.expect_activations()
         (header, guess, works), self._early_activations = self._early_activations, None
         self._wait_all(works, self.prev_rank)
-        fields = header.tolist()
-        if fields == self._received_header:
-            return guess
-        # The link's first message, or new shapes (then `guess` got placeholders and the message follows).
-        again = [header] if self._received_header is not None else []
-        self._received_header, buffers = fields, self._empty(fields)
-        self._recv(again + buffers, self.prev_rank, self._prev_groups[0])
-        return buffers
+        fields = header.tolist()  # a host tensor: no device sync
+        if fields != self._received_header:
+            # The link's first message, or new shapes (`guess` got placeholders and the message follows).
+            again = header if self._received_header is not None else None
+            self._received_header, guess = fields, self._empty(fields)
+            self._wait_all(self._post_message(again, guess), self.prev_rank)
+        # Leaves that require grad as the sender's tensors did: the backward stops here, .grad goes back.
+        for t, requires_grad in zip(guess, self._requires_grad(fields)):
+            t.requires_grad_(requires_grad)
+        return guess
 
     def _empty(self, fields: list[int]) -> list[Tensor]:
         """Uninitialised tensors of the dtypes and shapes a header describes."""
         count, pos, out = fields[0], 1, []
         for _ in range(count):
-            dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
-            out.append(torch.empty(fields[pos + 2: pos + 2 + ndim], dtype=dtype, device=self.device))
-            pos += 2 + ndim
+            dtype, ndim = _DTYPES[fields[pos]], fields[pos + 2]
+            out.append(torch.empty(fields[pos + 3: pos + 3 + ndim], dtype=dtype, device=self.device))
+            pos += 3 + ndim
+        return out
+
+    @staticmethod
+    def _requires_grad(fields: list[int]) -> list[bool]:
+        count, pos, out = fields[0], 1, []
+        for _ in range(count):
+            out.append(bool(fields[pos + 1]))
+            pos += 3 + fields[pos + 2]
         return out
 
     # -- gradients (+ the micro-batch loss) ---------------------------------------------------
@@ -181,7 +221,7 @@ class StageLink:
         """Post the receive of the gradients for ``outputs`` (just sent on) now. Backwards run in
         forward order and every forward's backward runs before a drain ends, so ``recv_grads``
         takes these in FIFO order and none is left posted."""
-        buffers = [torch.empty_like(o) for o in outputs]
+        buffers = [torch.empty(o.shape, dtype=o.dtype, device=self.device) for o in outputs]  # contiguous
         buffers.append(torch.empty(1, dtype=torch.float64, device=self.device))
         self._early_grads.append((buffers, self._post(buffers, self.next_rank, self._next_groups[1])))
 
@@ -208,10 +248,6 @@ class StageLink:
     def _post(self, buffers: list[Tensor], peer: int | None, group: Any) -> list[dist.Work]:
         assert peer is not None, f"stage {self.stage} has no neighbour to receive from"
         return [dist.irecv(b, peer, group=group) for b in buffers]
-
-    def _recv(self, buffers: list[Tensor], peer: int | None, group: Any) -> list[Tensor]:
-        self._wait_all(self._post(buffers, peer, group), peer)
-        return buffers
 
     def _wait_all(self, works: list[dist.Work], peer: int | None) -> None:
         for w in works:

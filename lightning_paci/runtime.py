@@ -226,22 +226,19 @@ class StageRuntime:
         received = self.link.recv_activations() if self.stage > 0 else []
         if self.stage > 0 and j + 1 < self._first + len(self._micro):
             self.link.expect_activations()  # the batch's next forward follows: gloo receives it meanwhile
-        for t in received:
-            if t.is_floating_point():
-                t.requires_grad_(True)
         step = self.module.training_step
         with self._log, self.forward_context():
             result, out = self.view.run(lambda: step(part, self._batch_idx), received)
         if out is not None:
             self.link.send_activations(out)
-            outputs = [t for t in out if t.is_floating_point()]
+            outputs = [t for t in out if t.requires_grad]  # what gets a gradient back (the header says so)
             self.link.expect_grads(outputs)
         else:
             loss = _loss_of(result)
             self._losses.append(loss.detach())
             self._output = result if isinstance(result, dict) else None
             outputs = [loss / self.spec.accumulation]
-        inputs = [t for t in received if t.is_floating_point()]
+        inputs = [t for t in received if t.requires_grad]
         self._in_flight[j] = (inputs, outputs, self.version)
         self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
 

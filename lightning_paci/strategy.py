@@ -120,7 +120,7 @@ class PACIStrategy(ParallelStrategy):
         self._aliases: list[tuple[nn.Parameter, nn.Parameter]] = []
         self._schedulers: list[Any] = []
         self._view: StageView | None = None
-        self._boundary_groups: list[tuple[Any, Any]] | None = None
+        self._boundary_groups: list[tuple[Any, Any, Any]] | None = None
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
         self.telemetry: list[dict[str, Any]] | None = None
@@ -235,7 +235,7 @@ class PACIStrategy(ParallelStrategy):
                 # active exception", pytorch/pytorch#190489)
                 atexit.register(_destroy_dist_connection)
         ranks = [self.world_size - 1 - i for i in range(self.n_stages)]  # stage i on rank N-1-i
-        self._boundary_groups = boundary_groups(ranks, self._timeout)
+        self._boundary_groups = boundary_groups(ranks, self._timeout, host_headers=backend == "nccl")
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:

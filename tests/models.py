@@ -15,14 +15,22 @@ class Block(nn.Module):
         self.ln = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.ln(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return x + self.mlp(self.ln(x))
+        # The `extras` variant: a float mask that needs no gradient and a non-contiguous output
+        # (strided as (B, C, T)) cross every stage boundary, as attention masks and permuted layouts do.
+        if mask.requires_grad:
+            raise RuntimeError("the mask arrived requiring grad: the stage boundary lost requires_grad=False")
+        y = x + self.mlp(self.ln(x)) * mask
+        return y.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class TinyGPT(nn.Module):
     def __init__(self, vocab: int = 32, d: int = 16, n_layers: int = 4, block: int = 8,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, extras: bool = False) -> None:
         super().__init__()
+        self.extras = extras
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab, d), wpe=nn.Embedding(block, d), drop=nn.Dropout(dropout),
             h=nn.ModuleList([Block(d, dropout) for _ in range(n_layers)]), ln_f=nn.LayerNorm(d)))
@@ -32,8 +40,9 @@ class TinyGPT(nn.Module):
         t = idx.size(1)
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        mask = torch.linspace(0.5, 1.0, t, dtype=x.dtype, device=idx.device)[:, None] if self.extras else None
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, mask)
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
 
 
@@ -41,9 +50,10 @@ class LitTiny(LightningModule):
     """What a user writes for one device; nothing here knows about pipelines."""
 
     def __init__(self, n_layers: int = 4, lr: float = 1e-2, dtype: torch.dtype = torch.float32,
-                 batch_format: str = "tuple", sched: bool = False, dropout: float = 0.0) -> None:
+                 batch_format: str = "tuple", sched: bool = False, dropout: float = 0.0,
+                 extras: bool = False) -> None:
         super().__init__()
-        self.model = TinyGPT(n_layers=n_layers, dropout=dropout).to(dtype)
+        self.model = TinyGPT(n_layers=n_layers, dropout=dropout, extras=extras).to(dtype)
         self.lr, self.batch_format, self.sched = lr, batch_format, sched
 
     def _xy(self, batch):

@@ -99,6 +99,10 @@ def main() -> None:
                         help="run isend/irecv under NCCL's ordering rules (tests/nccl_order.py)")
     parser.add_argument("--shared-group", action="store_true",
                         help="both directions on the default group, as fedc153 did (to show it hangs on NCCL)")
+    parser.add_argument("--host-headers", action="store_true",
+                        help="activation headers on a group of their own, as with NCCL (p2p.boundary_groups)")
+    parser.add_argument("--extras", action="store_true",
+                        help="a grad-free mask and non-contiguous activations cross the boundaries")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -109,11 +113,17 @@ def main() -> None:
     if args.shared_group:
         import lightning_paci.strategy
 
-        lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None: None
+        lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None, **_: None
+    if args.host_headers:
+        import lightning_paci.strategy
+        from lightning_paci.p2p import boundary_groups
+
+        lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None, **_: boundary_groups(
+            ranks, timeout, host_headers=True)
     L.seed_everything(0, verbose=False)
     module_class = TwoOptimizers if args.two_optimizers else LitTiny
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
-                    sched=args.sched, dropout=args.dropout)
+                    sched=args.sched, dropout=args.dropout, **({"extras": True} if args.extras else {}))
     if args.fail_unit:
         def fail(module, inputs):
             if not inputs[0].is_meta and model.trainer.global_step == args.fail_step:

@@ -18,9 +18,9 @@ from lightning_paci.plan import Plan
 from tests.models import LitTiny, loader
 
 
-def fresh_model(n_layers: int, dtype: torch.dtype = torch.float64) -> LitTiny:
+def fresh_model(n_layers: int, dtype: torch.dtype = torch.float64, extras: bool = False) -> LitTiny:
     L.seed_everything(0, verbose=False)  # the same initial weights as tests/pipeline_script.py
-    return LitTiny(n_layers=n_layers, dtype=dtype)
+    return LitTiny(n_layers=n_layers, dtype=dtype, extras=extras)
 
 
 def _optimizer(params, sched: bool):
@@ -33,8 +33,9 @@ def batches(batch_size: int, steps: int, accumulate: int = 1) -> list:
     return list(loader(batch_size, n=batch_size * steps * accumulate))
 
 
-def train_reference(n_layers: int, data: list, accumulate: int = 1, sched: bool = False) -> dict:
-    lit = fresh_model(n_layers)
+def train_reference(n_layers: int, data: list, accumulate: int = 1, sched: bool = False,
+                    extras: bool = False) -> dict:
+    lit = fresh_model(n_layers, extras=extras)
     opt, scheduler = _optimizer(lit.parameters(), sched)
     for k, (x, y) in enumerate(data):
         loss = F.cross_entropy(lit.model(x).flatten(0, 1), y.flatten()) / accumulate
