@@ -42,7 +42,6 @@ down. A neighbour blocked on it gets gloo's "connection closed" (or the group ti
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from datetime import timedelta
 from typing import Any
@@ -50,6 +49,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lightning_paci.clock import CudaEventClock, HostClock
 
 FAILURE_KEY = "lightning_paci/failure"
 _HEADER_LEN = 64
@@ -129,9 +130,10 @@ class StageLink:
         # headers on the host wherever they have a group of their own (or the device is the host)
         host = device.type == "cpu" or (groups and groups[0][2] is not groups[0][0])
         self._header_device = torch.device("cpu") if host else device
-        self.wait_s = 0.0  # time blocked in receives and send back-pressure (telemetry)
-        # (start, end, "recv"|"send") of every wait, kept only while a timeline is recorded
-        self.wait_log: list[tuple[float, float, str]] | None = None
+        # (start, end, "recv"|"send") clock marks of every wait in receives and send back-pressure, until
+        # the runtime takes them (telemetry, timeline; see clock.py)
+        self.clock: HostClock | CudaEventClock = HostClock()
+        self.waits: list[tuple[Any, Any, str]] = []
         self._pending: deque[tuple[dist.Work, list[Tensor]]] = deque()
         self._sent_header: list[int] | None = None  # the last activation header each way (sticky shapes)
         self._received_header: list[int] | None = None
@@ -257,8 +259,12 @@ class StageLink:
         work, _ = self._pending.popleft()
         self._wait(work, "sending", "send")
 
+    def take_waits(self) -> list[tuple[Any, Any, str]]:
+        waits, self.waits = self.waits, []
+        return waits
+
     def _wait(self, work: dist.Work, what: str, kind: str) -> None:
-        start = time.perf_counter()
+        start = self.clock.mark()
         try:
             work.wait()
         except Exception as error:
@@ -266,7 +272,4 @@ class StageLink:
             cause = note or "the neighbour exited or stopped answering (see its own error)"
             raise PipelineError(f"stage {self.stage} lost its pipeline neighbour while {what}: {cause}") from error
         finally:
-            end = time.perf_counter()
-            self.wait_s += end - start
-            if self.wait_log is not None:
-                self.wait_log.append((start, end, kind))
+            self.waits.append((start, self.clock.mark(), kind))

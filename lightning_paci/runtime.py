@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_paci.clock import clock_for
 from lightning_paci.hollow import StageView
 from lightning_paci.memory import PeakMemory
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
@@ -58,6 +59,9 @@ def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
         else:
             columns.append([x] * parts)
     return [tree_unflatten([c[k] for c in columns], spec) for k in range(parts)]
+
+
+_SETTLE_EVERY = 512  # actions between non-blocking settles of clock marks
 
 
 class _LogCapture:
@@ -125,23 +129,31 @@ class StageRuntime:
         # telemetry
         self.drift = Counter()
         self.peak_in_flight = 0
-        self.busy_s = self.wall_s = 0.0
+        self.busy_s = self.wall_s = self.wait_s = 0.0
         self.time_of = {"F": [0.0, 0], "B": [0.0, 0], "S": [0.0, 0]}
         self.timeline: list[TimelineEvent] | None = [] if record_timeline else None
         self.memory = PeakMemory(device)
+        self.clock = link.clock = clock_for(device)
         self._t0 = time.perf_counter()
-        self._last_end: float | None = None  # end of the previous training batch, None after a drain
+        self._last_end: Any = None  # clock mark: end of the previous training batch, None after a drain
+        # Clock marks not yet turned into seconds (clock.py): (kind, label, start, end, waits) of each
+        # action, and (start, end, waits) of spans that count as wall time (a batch, a drain).
+        self._unsettled: list[tuple[str, str, Any, Any, list]] = []
+        self._unsettled_wall: list[tuple[Any, Any, list]] = []
 
     # -- entry points (called by the strategy) --------------------------------------------------------
     def train_batch(self, batch: Any, batch_idx: int) -> Any:
         k = self.batches_since_drain
-        start = self._last_end if self._last_end is not None else time.perf_counter()
+        start = self._last_end if self._last_end is not None else self.clock.mark()
         self._micro = split_batch(batch, self.spec.micro_batches, exact=True)
         self._first, self._batch_idx, self._losses, self._output = k * self.spec.micro_batches, batch_idx, [], None
         self._run(self.spec.batch(self.stage, k), f"batch {k} since the last drain")
         self.batches_since_drain += 1
-        self._last_end = time.perf_counter()
-        self.wall_s += self._last_end - start  # includes the loop's time between batches: idle, not busy
+        self._last_end = self.clock.mark()
+        # the wall includes the loop's time between batches: idle, not busy
+        self._unsettled_wall.append((start, self._last_end, self.link.take_waits()))
+        if len(self._unsettled) >= _SETTLE_EVERY:
+            self._settle(block=False)
         self._log.flush()
         loss = torch.stack(self._losses).mean() if self._losses else torch.tensor(float("nan"))
         if isinstance(self._output, dict):
@@ -153,10 +165,11 @@ class StageRuntime:
         if self.batches_since_drain == 0 and not self._in_flight:
             return
         self._losses = []
-        start = time.perf_counter()
+        start = self.clock.mark()
         self._run(self.spec.drain(self.stage, self.batches_since_drain), "drain")
         self.link.flush()
-        self.wall_s += time.perf_counter() - start
+        self._unsettled_wall.append((start, self.clock.mark(), self.link.take_waits()))
+        self._settle(block=True)
         self._last_end = None
         assert not self._in_flight, f"stage {self.stage}: micro-batches {sorted(self._in_flight)} not drained"
         self.batches_since_drain = 0
@@ -164,7 +177,6 @@ class StageRuntime:
     def eval_batch(self, step_name: str, batch: Any, batch_idx: int, *extra: Any) -> Any:
         """Forward-only pipelining of ``validation_step``/``test_step`` over the micro-batches."""
         self.drain()
-        waited = self.link.wait_s  # evaluation is not training time: keep its waits out of telemetry
         micro = split_batch(batch, self.spec.micro_batches, exact=False)
         step = getattr(self.module, step_name)
         result = None
@@ -178,16 +190,15 @@ class StageRuntime:
                     self.link.send_activations(out)
         self._log.weight = 1
         self._log.flush()
-        self.link.wait_s = waited
+        self.link.take_waits()  # evaluation is not training time: its waits stay out of telemetry
         return result
 
     # -- the table of handlers -------------------------------------------------------------------------
     def _run(self, actions: tuple[Action, ...], where: str) -> None:
         for index, action in enumerate(actions):
             handler = self.handlers.get(action.kind)
-            if self.timeline is not None:
-                self.link.wait_log = []
-            t0, wait0 = time.perf_counter(), self.link.wait_s
+            self.link.take_waits()  # waits between actions belong to the batch's wall time only
+            t0 = self.clock.mark()
             try:
                 if handler is None:
                     raise PipelineError(f"unknown action {action}")
@@ -200,19 +211,41 @@ class StageRuntime:
                 report_failure(note)
                 marked = " ".join(f"[{a}]" if k == index else str(a) for k, a in enumerate(actions))
                 raise PipelineError(f"{note}\nstage {self.stage} actions for {where}: {marked}") from error
-            t1 = time.perf_counter()
-            compute = (t1 - t0) - (self.link.wait_s - wait0)
-            self.busy_s += compute
+            self._unsettled.append((action.kind, str(action), t0, self.clock.mark(), self.link.take_waits()))
             self.memory.sample()
-            self.time_of[action.kind][0] += compute
-            self.time_of[action.kind][1] += 1
-            if self.timeline is not None:
-                self._record(str(action), t0, t1)
 
-    def _record(self, label: str, t0: float, t1: float) -> None:
+    def _settle(self, block: bool) -> None:
+        """Turn the clock marks of finished actions into telemetry and timeline events; with
+        ``block=False`` only those already complete (on CUDA: events the stream has passed)."""
+        seconds = self.clock.seconds
+        done = 0
+        for kind, label, t0, t1, waits in self._unsettled:
+            if not block and not self.clock.ready(t1):
+                break
+            t0, t1 = seconds(t0), seconds(t1)
+            waits = [(seconds(a), seconds(b), what) for a, b, what in waits]
+            waited = sum(b - a for a, b, _ in waits)
+            self.busy_s += (t1 - t0) - waited
+            self.wait_s += waited
+            self.time_of[kind][0] += (t1 - t0) - waited
+            self.time_of[kind][1] += 1
+            if self.timeline is not None:
+                self._record(label, t0, t1, waits)
+            done += 1
+        del self._unsettled[:done]
+        done = 0
+        for start, end, waits in self._unsettled_wall:
+            if not block and not self.clock.ready(end):
+                break
+            self.wall_s += seconds(end) - seconds(start)
+            self.wait_s += sum(seconds(b) - seconds(a) for a, b, _ in waits)
+            done += 1
+        del self._unsettled_wall[:done]
+
+    def _record(self, label: str, t0: float, t1: float, waits: list[tuple[float, float, str]]) -> None:
         """Timeline events of one action: waits for its input ("recv F3"), its compute, then send
         back-pressure ("send F3"); every handler receives before it computes and sends after."""
-        waits, o = self.link.wait_log or [], self._t0
+        o = self._t0
         begin = max((end for _, end, kind in waits if kind == "recv"), default=t0)
         end = min((start for start, _, kind in waits if kind == "send"), default=t1)
         if begin > t0:
@@ -277,6 +310,7 @@ class StageRuntime:
         return self._t0
 
     def telemetry(self) -> dict[str, Any]:
+        self._settle(block=True)
         wall = max(self.wall_s, 1e-12)
         mean = {k: (t / n if n else 0.0) for k, (t, n) in self.time_of.items()}
         return {
@@ -284,12 +318,12 @@ class StageRuntime:
             "max_drift": max(self.drift, default=0),
             "drift_histogram": dict(sorted(self.drift.items())),
             "utilization": self.busy_s / wall,
-            "bubble_fraction": self.link.wait_s / wall,
+            "bubble_fraction": self.wait_s / wall,
             "peak_in_flight": self.peak_in_flight,
             "optimizer_steps": self.version,
             "peak_memory_bytes": self.memory.peak,
             "busy_s": self.busy_s,
-            "wait_s": self.link.wait_s,
+            "wait_s": self.wait_s,
             "wall_s": self.wall_s,
             "forward_s": mean["F"],
             "backward_s": mean["B"],

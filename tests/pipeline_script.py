@@ -66,6 +66,29 @@ class _BatchRecorder(L.Callback):
         self.sums.append(int(batch[0].sum()))
 
 
+class _LaggingClock:
+    """Like CUDA events: a mark is read back only once complete, and the newest marks never are yet
+    (a stream running behind the host); reading an incomplete mark fails the run."""
+
+    LAG = 3
+
+    def __init__(self) -> None:
+        import time
+
+        self.now, self.count = time.perf_counter, 0
+
+    def mark(self) -> list:
+        self.count += 1
+        return [self.now(), self.count]
+
+    def ready(self, mark: list) -> bool:
+        return mark[1] <= self.count - self.LAG
+
+    def seconds(self, mark: list) -> float:
+        self.count += self.LAG  # a blocking read: the stream catches up
+        return mark[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
@@ -103,6 +126,8 @@ def main() -> None:
                         help="activation headers on a group of their own, as with NCCL (p2p.boundary_groups)")
     parser.add_argument("--extras", action="store_true",
                         help="a grad-free mask and non-contiguous activations cross the boundaries")
+    parser.add_argument("--lagging-clock", action="store_true",
+                        help="clock marks that complete late, as CUDA events do (lightning_paci/clock.py)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -120,6 +145,11 @@ def main() -> None:
 
         lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None, **_: boundary_groups(
             ranks, timeout, host_headers=True)
+    if args.lagging_clock:
+        import lightning_paci.runtime
+
+        lightning_paci.runtime.clock_for = lambda device: _LaggingClock()
+        lightning_paci.runtime._SETTLE_EVERY = 4  # settle often, while the newest marks are incomplete
     L.seed_everything(0, verbose=False)
     module_class = TwoOptimizers if args.two_optimizers else LitTiny
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
