@@ -15,12 +15,16 @@ import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
+
+from lightning_paci.materialize import has_meta_tensors
 
 if TYPE_CHECKING:
     from lightning_paci.strategy import PACIStrategy
@@ -88,6 +92,17 @@ class CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLaunch
         callback = trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", None)
         return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
+
+    @override
+    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: Trainer) -> None:
+        module = trainer.lightning_module
+        if worker_output.weights_path is not None and is_overridden("configure_model", module):
+            with torch.device("meta"):  # the layers the workers built (configure_model is idempotent)
+                module.configure_model()
+            if has_meta_tensors(module):  # take the trained tensors as they are (Lightning's load copies)
+                state = self._strategy.checkpoint_io.load_checkpoint(worker_output.weights_path)
+                module.load_state_dict(state, strict=False, assign=True)
+        super()._recover_results_in_main_process(worker_output, trainer)
 
     @override
     def get_extra_results(self, trainer: Trainer) -> dict[str, Any]:

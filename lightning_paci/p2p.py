@@ -117,18 +117,20 @@ class StageLink:
     """The sends and receives of one stage with its neighbours (global ranks ``prev``/``next``).
 
     ``groups`` are ``boundary_groups``' result (None: the default group carries everything, which is
-    safe on gloo only).
+    safe on gloo only). ``staged``: the transport takes host tensors only (gloo with a CUDA device):
+    tensors go through host memory on both ends.
     """
 
     def __init__(self, stage: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
-                 groups: list[tuple[Any, Any]] | None = None) -> None:
+                 groups: list[tuple[Any, Any, Any]] | None = None, staged: bool = False) -> None:
         self.stage, self.prev_rank, self.next_rank = stage, prev_rank, next_rank
         self.device = device
+        self._wire = torch.device("cpu") if staged else device  # where message tensors live
         # (activations, gradients, headers) groups of the boundary in front of this stage and after it
         self._prev_groups = groups[stage - 1] if groups and prev_rank is not None else (None, None, None)
         self._next_groups = groups[stage] if groups and next_rank is not None else (None, None, None)
         # headers on the host wherever they have a group of their own (or the device is the host)
-        host = device.type == "cpu" or (groups and groups[0][2] is not groups[0][0])
+        host = self._wire.type == "cpu" or (groups and groups[0][2] is not groups[0][0])
         self._header_device = torch.device("cpu") if host else device
         # (start, end, "recv"|"send") clock marks of every wait in receives and send back-pressure, until
         # the runtime takes them (telemetry, timeline; see clock.py)
@@ -155,7 +157,7 @@ class StageLink:
         if self._sent_header is not None and fields != self._sent_header:
             self._send_message(header, self._empty(self._sent_header))  # fills the receiver's guess
         self._sent_header = fields
-        self._send_message(header, [t.detach().contiguous() for t in tensors])
+        self._send_message(header, [t.detach().to(self._wire).contiguous() for t in tensors])
 
     def _send_message(self, header: Tensor, tensors: list[Tensor]) -> None:
         activations, _, headers = self._next_groups
@@ -193,16 +195,20 @@ class StageLink:
             self._received_header, guess = fields, self._empty(fields)
             self._wait_all(self._post_message(again, guess), self.prev_rank)
         # Leaves that require grad as the sender's tensors did: the backward stops here, .grad goes back.
-        for t, requires_grad in zip(guess, self._requires_grad(fields)):
+        arrived = self._arrive(guess)
+        for t, requires_grad in zip(arrived, self._requires_grad(fields)):
             t.requires_grad_(requires_grad)
-        return guess
+        return arrived
+
+    def _arrive(self, tensors: list[Tensor]) -> list[Tensor]:
+        return tensors if self._wire == self.device else [t.to(self.device) for t in tensors]
 
     def _empty(self, fields: list[int]) -> list[Tensor]:
         """Uninitialised tensors of the dtypes and shapes a header describes."""
         count, pos, out = fields[0], 1, []
         for _ in range(count):
             dtype, ndim = _DTYPES[fields[pos]], fields[pos + 2]
-            out.append(torch.empty(fields[pos + 3: pos + 3 + ndim], dtype=dtype, device=self.device))
+            out.append(torch.empty(fields[pos + 3: pos + 3 + ndim], dtype=dtype, device=self._wire))
             pos += 3 + ndim
         return out
 
@@ -216,15 +222,15 @@ class StageLink:
 
     # -- gradients (+ the micro-batch loss) ---------------------------------------------------
     def send_grads(self, grads: list[Tensor], loss: Tensor) -> None:
-        loss = loss.detach().reshape(1).to(device=self.device, dtype=torch.float64)
-        self._send([g.contiguous() for g in grads] + [loss], self.prev_rank, self._prev_groups[1])
+        loss = loss.detach().reshape(1).to(device=self._wire, dtype=torch.float64)
+        self._send([g.to(self._wire).contiguous() for g in grads] + [loss], self.prev_rank, self._prev_groups[1])
 
     def expect_grads(self, outputs: list[Tensor]) -> None:
         """Post the receive of the gradients for ``outputs`` (just sent on) now. Backwards run in
         forward order and every forward's backward runs before a drain ends, so ``recv_grads``
         takes these in FIFO order and none is left posted."""
-        buffers = [torch.empty(o.shape, dtype=o.dtype, device=self.device) for o in outputs]  # contiguous
-        buffers.append(torch.empty(1, dtype=torch.float64, device=self.device))
+        buffers = [torch.empty(o.shape, dtype=o.dtype, device=self._wire) for o in outputs]  # contiguous
+        buffers.append(torch.empty(1, dtype=torch.float64, device=self._wire))
         self._early_grads.append((buffers, self._post(buffers, self.next_rank, self._next_groups[1])))
 
     def recv_grads(self, outputs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
@@ -232,7 +238,8 @@ class StageLink:
             self.expect_grads(outputs)
         buffers, works = self._early_grads.popleft()
         self._wait_all(works, self.next_rank)
-        return buffers[:-1], buffers[-1]
+        *grads, loss = self._arrive(buffers)
+        return grads, loss
 
     # -- plumbing --------------------------------------------------------------------------------
     def flush(self) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import atexit
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +32,14 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
 from lightning_paci.hollow import StageView
+from lightning_paci.materialize import materialize
 from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
@@ -144,14 +147,22 @@ class PACIStrategy(ParallelStrategy):
         self._num_nodes = num_nodes
 
     @property
+    def shares_device(self) -> bool:
+        """``stages=N`` on one device: N stage processes share it (a smoke test of one GPU: NCCL refuses
+        two ranks on one device, so they talk over gloo, CUDA tensors staged through host memory)."""
+        return (self.stages or 1) > 1 and self.parallel_devices is not None and len(self.parallel_devices) == 1
+
+    @property
     def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+        if self.parallel_devices is None:
+            return 0
+        return self.stages if self.shares_device else len(self.parallel_devices)
 
     @property
     @override
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
+        return self.parallel_devices[0 if self.shares_device else self.local_rank]
 
     @property
     def is_distributed(self) -> bool:
@@ -186,12 +197,19 @@ class PACIStrategy(ParallelStrategy):
         devices = self.num_processes * self.num_nodes
         if self.stages is not None and self.stages != devices:
             raise ValueError(f"PACIStrategy(stages={self.stages}) needs one process per stage, but the "
-                             f"Trainer has {devices} devices: set devices={self.stages} (data-parallel "
-                             "replicas of a pipeline are not supported yet)")
+                             f"Trainer has {devices} devices: set devices={self.stages}, or devices=1 to run "
+                             "every stage on one device (data-parallel replicas of a pipeline are not "
+                             "supported yet)")
+        if self.shares_device and self._process_group_backend not in (None, "gloo"):
+            raise ValueError(f"{self.stages} stages share one device, which NCCL refuses (two ranks on one "
+                             f"GPU); drop process_group_backend={self._process_group_backend!r} (gloo is used) "
+                             f"or give the Trainer devices={self.stages}")
         module = trainer.lightning_module
         if module is None:
             return
         self._check_module(module, trainer)
+        if is_overridden("configure_model", module) and not any(True for _ in module.parameters()):
+            return  # the layers come in configure_model, inside each stage process: split them there
         self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
 
     def _check_module(self, module: LightningModule, trainer: Trainer) -> None:
@@ -226,7 +244,8 @@ class PACIStrategy(ParallelStrategy):
         elif self._num_threads:
             torch.set_num_threads(self._num_threads)
         self.set_world_ranks()
-        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        backend = self._process_group_backend or ("gloo" if self.shares_device else
+                                                  _get_default_process_group_backend_for_device(self.root_device))
         self._process_group_backend = backend
         if not dist.is_initialized():
             _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
@@ -260,6 +279,8 @@ class PACIStrategy(ParallelStrategy):
         if self._view is None or self._view.model is not module:  # a later validate/test reuses the view
             units = dict(zip(self.partition.units, self.partition.stage_of))
             self._view = StageView(module, units, self.stage, self.n_stages)
+            others = [u for u, s in units.items() if s != self.stage]
+            materialize(module, self.root_device, skip=others)  # layers built in configure_model (meta)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -306,7 +327,8 @@ class PACIStrategy(ParallelStrategy):
         rank = self.global_rank
         link = StageLink(self.stage, prev_rank=rank + 1 if self.stage > 0 else None,
                          next_rank=rank - 1 if self.stage < self.n_stages - 1 else None,
-                         device=self.root_device, groups=self._boundary_groups)
+                         device=self.root_device, groups=self._boundary_groups,
+                         staged=self.root_device.type != "cpu" and self._process_group_backend == "gloo")
         fitting = trainer.state.fn == TrainerFn.FITTING
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
         self.runtime = StageRuntime(
@@ -316,6 +338,13 @@ class PACIStrategy(ParallelStrategy):
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
             clip_value=trainer.gradient_clip_val if trainer.gradient_clip_val else None,
             record_timeline=self._record_timeline)
+
+    @override
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """``configure_model`` builds on the meta device; each stage then materializes its own units."""
+        with torch.device("meta"):
+            yield
 
     # -- the training loop -------------------------------------------------------------------------------
     @override

@@ -111,3 +111,18 @@ class TwoOptimizers(LitTiny):
     def configure_optimizers(self):
         return [torch.optim.SGD(self.model.transformer.parameters(), lr=0.1),
                 torch.optim.SGD(self.model.lm_head.parameters(), lr=0.1)]
+
+
+class LitMeta(LitTiny):
+    """LitTiny whose layers come in ``configure_model``, Lightning's hook for models too big for one
+    process (built on the meta device under PACIStrategy; see lightning_paci/materialize.py)."""
+
+    def __init__(self, n_layers: int = 4, **kwargs) -> None:
+        super().__init__(n_layers=n_layers, **kwargs)
+        self.n_layers, self.dtype_ = n_layers, kwargs.get("dtype", torch.float32)
+        del self.model
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = TinyGPT(n_layers=self.n_layers).to(self.dtype_)

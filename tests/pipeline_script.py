@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_paci import PACIStrategy  # noqa: E402
-from tests.models import LitTiny, TwoOptimizers, loader  # noqa: E402
+from tests.models import LitMeta, LitTiny, TwoOptimizers, loader  # noqa: E402
 
 
 class _CollectiveCounter(L.Callback):
@@ -128,6 +128,10 @@ def main() -> None:
                         help="a grad-free mask and non-contiguous activations cross the boundaries")
     parser.add_argument("--lagging-clock", action="store_true",
                         help="clock marks that complete late, as CUDA events do (lightning_paci/clock.py)")
+    parser.add_argument("--shared-device", action="store_true",
+                        help="Trainer(devices=1), PACIStrategy(stages=N): every stage process on one device")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, or cuda for tests/test_gpu.py")
+    parser.add_argument("--meta-init", action="store_true", help="the model's layers come in configure_model")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -151,7 +155,7 @@ def main() -> None:
         lightning_paci.runtime.clock_for = lambda device: _LaggingClock()
         lightning_paci.runtime._SETTLE_EVERY = 4  # settle often, while the newest marks are incomplete
     L.seed_everything(0, verbose=False)
-    module_class = TwoOptimizers if args.two_optimizers else LitTiny
+    module_class = TwoOptimizers if args.two_optimizers else LitMeta if args.meta_init else LitTiny
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
                     sched=args.sched, dropout=args.dropout, **({"extras": True} if args.extras else {}))
     if args.fail_unit:
@@ -164,7 +168,8 @@ def main() -> None:
         strategy = {"paci": "paci", "1f1b": "pipe_1f1b", "gpipe": "pipe_gpipe"}[args.schedule]
     else:
         strategy = PACIStrategy(schedule=args.schedule, micro_batches=args.micro_batches,
-                                timeout_s=args.timeout, start_method=args.start_method)
+                                timeout_s=args.timeout, start_method=args.start_method,
+                                stages=args.stages if args.shared_device else None)
     callbacks = []
     if args.ckpt_dir:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(args.ckpt_dir, save_top_k=-1, every_n_epochs=1,
@@ -174,7 +179,7 @@ def main() -> None:
     if args.record_batches:
         callbacks.append(_BatchRecorder())
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.stages, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
+        accelerator=args.accelerator, devices=1 if args.shared_device else args.stages, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False, max_epochs=-1,
         # As with DDP, Lightning's sampler shuffles training data; the references read it in order.
@@ -199,7 +204,7 @@ def main() -> None:
         stage = "all"
     else:
         stage = strategy.stage
-        torch.save(strategy.lightning_module_state_dict(), out / f"stage{stage}.pt")
+        torch.save({k: v.cpu() for k, v in strategy.lightning_module_state_dict().items()}, out / f"stage{stage}.pt")
     if trainer.global_rank == 0:
         # After forked workers Lightning restores trainer.state, not loop progress, in the main process.
         global_step = trainer.global_step if args.start_method == "popen" else None

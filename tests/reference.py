@@ -34,8 +34,8 @@ def batches(batch_size: int, steps: int, accumulate: int = 1) -> list:
 
 
 def train_reference(n_layers: int, data: list, accumulate: int = 1, sched: bool = False,
-                    extras: bool = False) -> dict:
-    lit = fresh_model(n_layers, extras=extras)
+                    extras: bool = False, lit: LitTiny | None = None) -> dict:
+    lit = lit if lit is not None else fresh_model(n_layers, extras=extras)
     opt, scheduler = _optimizer(lit.parameters(), sched)
     for k, (x, y) in enumerate(data):
         loss = F.cross_entropy(lit.model(x).flatten(0, 1), y.flatten()) / accumulate
