@@ -6,8 +6,8 @@ Stage ``i`` runs on global rank ``N - 1 - i``.
 
 Per global batch Lightning calls ``training_step`` once; the strategy runs this stage's actions
 for the batch (runtime.py) and ``optimizer_step`` only evaluates the closure, because each stage
-steps its own optimizer where the plan says. Drains happen before validation/test, at checkpoints
-and at the end of fit.
+steps its own optimizer where the plan says. Drains happen before validation/test, at checkpoints,
+at epoch ends and at the end of fit (launch.py), before any user hook runs there.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
     PipelineSync,
+    drain_before_validation,
     drop_per_batch_sigterm_broadcast,
 )
 from lightning_paci.p2p import StageLink, boundary_groups
@@ -203,6 +204,10 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError("gradient_clip_val with clipping by norm needs the global gradient norm, a "
                              "sync across stages PACI avoids (PACI.md limits); use "
                              "gradient_clip_algorithm='value' or drop gradient_clip_val")
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            raise ValueError("val_check_interval given as a time lets each stage process decide by its own clock "
+                             "when to validate (a drain point), so the stages would disagree: give it as a "
+                             "number of batches (int) or a fraction of the epoch (float)")
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
                              "stages; use precision='bf16-mixed' (or 32)")
@@ -268,6 +273,7 @@ class PACIStrategy(ParallelStrategy):
         if not any(isinstance(c, PipelineSync) for c in trainer.callbacks):
             trainer.callbacks.insert(0, PipelineSync(self))
         drop_per_batch_sigterm_broadcast(trainer)
+        drain_before_validation(trainer, self.drain)
 
     @override
     def model_to_device(self) -> None:
