@@ -124,6 +124,7 @@ class PACIStrategy(ParallelStrategy):
         self._boundary_groups: list[tuple[Any, Any]] | None = None
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
+        self._closes_window = False  # set while Lightning's optimizer_step runs this batch
         self.telemetry: list[dict[str, Any]] | None = None
         self.stage_timeline: list | None = None
 
@@ -329,7 +330,7 @@ class PACIStrategy(ParallelStrategy):
         assert self.runtime is not None
         batch, batch_idx = args[0], args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
         with self.precision_plugin.train_step_context():
-            return self.runtime.train_batch(batch, batch_idx)
+            return self.runtime.train_batch(batch, batch_idx, closes_window=self._closes_window)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -347,7 +348,15 @@ class PACIStrategy(ParallelStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        return closure()  # stages step inside the runtime, after every a-th backward (the plan's S)
+        # Lightning calls this on the batches that end its accumulation windows (every
+        # accumulate_grad_batches-th of an epoch, and the epoch's last), and runs training_step
+        # inside the closure: each stage steps after that batch's last backward (the plan's S), so
+        # its version follows global_step.
+        self._closes_window = True
+        try:
+            return closure()
+        finally:
+            self._closes_window = False
 
     @override
     def on_validation_start(self) -> None:
