@@ -60,8 +60,8 @@ class PACIStrategy(ParallelStrategy):
         schedule: ``"paci"`` (asynchronous, no flush, bounded drift), ``"1f1b"`` (1F1B-flush) or
             ``"gpipe"``; the strategy names ``"pipe_1f1b"``/``"pipe_gpipe"`` mean the same.
         micro_batches: micro-batches per global batch (the DataLoader's batch); the batch size must
-            be divisible by it. Each stage steps after ``micro_batches * accumulate_grad_batches``
-            backwards.
+            be divisible by it. Each stage steps where Lightning would: after the backwards of every
+            ``accumulate_grad_batches``-th batch of an epoch and of its last batch.
         stages: number of stages; defaults to the number of devices, which it must equal.
         split_points: names of the modules where stages 1..N-1 begin, in execution order (see
             ``lightning_paci.partition``); default: an automatic split.
