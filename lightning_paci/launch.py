@@ -5,6 +5,9 @@
   process the whole trained model and the pipeline telemetry, not rank 0's stage only.
 - The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by a local check, and a
   callback makes the last stage's metrics visible on every stage at epoch and validation ends.
+- Drain points: the pipeline drains where the fit loop decides to validate, and first thing at
+  every epoch end and at the end of training, so that no Lightning or user hook after training
+  batches sees a stage with backwards or a step still owed (see ``drain_before_validation``).
 """
 
 from __future__ import annotations
@@ -46,8 +49,37 @@ def drop_per_batch_sigterm_broadcast(trainer: Trainer) -> None:
     loop._broadcast_sigterm_tensor = check_locally
 
 
+def drain_before_validation(trainer: Trainer, drain: Callable[[], None]) -> None:
+    """Drain as soon as the fit loop decides to validate.
+
+    Lightning 2.6's ``on_advance_end`` decides (``_should_check_val_fx``), then calls the module's
+    ``on_validation_model_zero_grad`` (``zero_grad()``) when a window has just ended, then the
+    validation hooks (callbacks first, the strategy's ``on_validation_start`` last). Stage 0 is then
+    still in the middle of its window: its owed backwards and its step come with the drain, and a
+    zeroing before it wiped the window's earlier gradients (the step used only the rest). Draining
+    inside the decision puts it before every one of those hooks, whatever the user overrides.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    decide = getattr(loop, "_should_check_val_fx", None)
+    if decide is None:
+        raise RuntimeError("lightning_paci needs Lightning's TrainingEpochLoop._should_check_val_fx (Lightning "
+                           "2.5-2.7) to drain the pipeline before validation; install lightning<2.8")
+    if getattr(decide, "drains_pipeline", False):
+        return  # a later fit with the same Trainer
+
+    def decide_and_drain(*args: Any, **kwargs: Any) -> bool:
+        validate = decide(*args, **kwargs)
+        if validate:
+            drain()
+        return validate
+
+    decide_and_drain.drains_pipeline = True  # type: ignore[attr-defined]
+    loop._should_check_val_fx = decide_and_drain
+
+
 class PipelineSync(Callback):
-    """Runs first among callbacks: makes the last stage's metrics visible on every stage."""
+    """Runs first among callbacks: drains at the ends of epochs and of training, so that every later
+    hook sees final weights, and makes the last stage's metrics visible on every stage."""
 
     def __init__(self, strategy: PACIStrategy) -> None:
         self.strategy = strategy
@@ -59,7 +91,11 @@ class PipelineSync(Callback):
                 self.strategy.publish_telemetry()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy.drain()  # Lightning steps on an epoch's last batch: that window closes here
         self.strategy.sync_metrics()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy.drain()  # the callbacks' and the module's on_train_end run before the strategy's
 
 
 class _ChecksBeforeLaunch:

@@ -1,7 +1,8 @@
 """Executes one stage's share of a plan: a table of handlers, one per action kind.
 
 The runtime knows no schedule. The strategy hands it ``spec.batch(stage, k)`` for each global
-batch and ``spec.drain(stage, n)`` at drain points; the runtime runs those actions in order:
+batch and ``spec.drain(stage, n)`` at drain points; the runtime runs those actions in order. The
+windows are the ones the caller reports (``closes_window``, Lightning's optimizer steps):
 
 - ``F j``: run the user's training_step on micro-batch j (see hollow.py for how one process
   computes only its stage), send the boundary tensors on, keep the graph until ``B j``.
@@ -118,6 +119,7 @@ class StageRuntime:
         self.device, self.forward_context, self.clip_value = device, forward_context, clip_value
         self.handlers = {"F": self._forward, "B": self._backward, "S": self._step}
         self.batches_since_drain = 0
+        self._closing: set[int] = set()  # batches since the last drain that end an accumulation window
         self.version = 0  # optimizer steps taken by this stage
         self._in_flight: dict[int, tuple[list[Tensor], list[Tensor], int]] = {}
         self._micro: list[Any] = []
@@ -142,12 +144,20 @@ class StageRuntime:
         self._unsettled_wall: list[tuple[Any, Any, list]] = []
 
     # -- entry points (called by the strategy) --------------------------------------------------------
-    def train_batch(self, batch: Any, batch_idx: int) -> Any:
+    def train_batch(self, batch: Any, batch_idx: int, closes_window: bool | None = None) -> Any:
+        """Run this stage's actions for the next batch. ``closes_window``: the caller steps after this
+        batch (Lightning's window ends); the stage steps after its last micro-batch's backward, which
+        under PACI may run during a later batch or the next drain. None: every accumulation-th backward."""
         k = self.batches_since_drain
+        m = self.spec.micro_batches
+        if closes_window is None:
+            closes_window = ((k + 1) * m) % self.spec.accumulation == 0
+        if closes_window:
+            self._closing.add(k)
         start = self._last_end if self._last_end is not None else self.clock.mark()
-        self._micro = split_batch(batch, self.spec.micro_batches, exact=True)
-        self._first, self._batch_idx, self._losses, self._output = k * self.spec.micro_batches, batch_idx, [], None
-        self._run(self.spec.batch(self.stage, k), f"batch {k} since the last drain")
+        self._micro = split_batch(batch, m, exact=True)
+        self._first, self._batch_idx, self._losses, self._output = k * m, batch_idx, [], None
+        self._run(self.spec.batch(self.stage, k, self._closing), f"batch {k} since the last drain")
         self.batches_since_drain += 1
         self._last_end = self.clock.mark()
         # the wall includes the loop's time between batches: idle, not busy
@@ -161,12 +171,14 @@ class StageRuntime:
         return loss
 
     def drain(self) -> None:
-        """Finish every backward in flight and close the window: all stages then hold equal versions."""
+        """Finish every backward in flight, with the steps of the windows that ended: all stages then
+        hold equal versions. A window still open keeps its gradients and goes on after the drain."""
         if self.batches_since_drain == 0 and not self._in_flight:
             return
         self._losses = []
         start = self.clock.mark()
-        self._run(self.spec.drain(self.stage, self.batches_since_drain), "drain")
+        self._run(self.spec.drain(self.stage, self.batches_since_drain, self._closing), "drain")
+        self._closing = set()
         self.link.flush()
         self._unsettled_wall.append((start, self.clock.mark(), self.link.take_waits()))
         self._settle(block=True)

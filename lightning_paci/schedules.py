@@ -6,12 +6,19 @@ inserted by one shared rule, not by the schedules: every stage runs its backward
 order, so ``S`` follows ``B(j)`` exactly when ``(j + 1) % accumulation == 0``, and a drain ends with
 one more ``S`` if a window is left partly accumulated. See ../shared/PACI.md for the canonical order.
 
+Under Lightning the windows are Lightning's (``closes``): the batches after which its loop steps
+(every ``accumulate_grad_batches``-th batch of an epoch and the epoch's last batch). ``S`` then
+follows the backward of the last micro-batch of each such batch, and a drain in the middle of a
+window (a validation) runs the owed backwards without a step: the window goes on accumulating after
+it, as under DDP, and every stage's step count stays equal to Lightning's ``global_step``.
+
 Micro-batch ``j`` of a segment belongs to batch ``j // m``; numbering restarts after each drain,
 where the pipeline is empty.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from lightning_paci.plan import Action, B, F, Plan, S, validate
@@ -65,11 +72,20 @@ def _owed_at_drain(schedule: str, stage: int, n_stages: int, m: int, n_batches: 
     return [B(j) for j in range(max(0, total - warmup(schedule, stage, n_stages, m)), total)]
 
 
-def _with_steps(actions: list[Action], accumulation: int) -> list[Action]:
+def _with_steps(actions: list[Action], accumulation: int, m: int, closes: Collection[int] | None) -> list[Action]:
+    """``S`` after each backward that completes a window: every ``accumulation``-th, or with
+    ``closes`` the last micro-batch of each batch in ``closes``."""
     out = []
     for action in actions:
         out.append(action)
-        if action.kind == "B" and (action.micro_batch + 1) % accumulation == 0:
+        if action.kind != "B":
+            continue
+        j = action.micro_batch
+        if closes is None:
+            ends_window = (j + 1) % accumulation == 0
+        else:
+            ends_window = (j + 1) % m == 0 and j // m in closes
+        if ends_window:
             out.append(S)
     return out
 
@@ -89,27 +105,31 @@ class PlanSpec:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def batch(self, stage: int, k: int) -> tuple[Action, ...]:
-        """Actions stage ``stage`` runs while batch ``k`` (since the last drain) trains."""
+    def batch(self, stage: int, k: int, closes: Collection[int] | None = None) -> tuple[Action, ...]:
+        """Actions stage ``stage`` runs while batch ``k`` (since the last drain) trains; ``closes``:
+        the batches (since the last drain) that end a window, if not every accumulation-th backward."""
         fb = _forwards_backwards(self.schedule, stage, self.n_stages, self.micro_batches, k)
-        return tuple(_with_steps(fb, self.accumulation))
+        return tuple(_with_steps(fb, self.accumulation, self.micro_batches, closes))
 
-    def drain(self, stage: int, n_batches: int) -> tuple[Action, ...]:
-        """Actions that empty the pipeline after ``n_batches`` batches and close the last window."""
-        owed = _with_steps(_owed_at_drain(self.schedule, stage, self.n_stages, self.micro_batches,
-                                          n_batches), self.accumulation)
-        if (n_batches * self.micro_batches) % self.accumulation:
+    def drain(self, stage: int, n_batches: int, closes: Collection[int] | None = None) -> tuple[Action, ...]:
+        """Actions that empty the pipeline after ``n_batches`` batches. Without ``closes`` they close
+        the last window; with it, a window still open stays open (its gradients stay accumulated)."""
+        m = self.micro_batches
+        owed = _with_steps(_owed_at_drain(self.schedule, stage, self.n_stages, m, n_batches),
+                           self.accumulation, m, closes)
+        if closes is None and (n_batches * m) % self.accumulation:
             owed.append(S)
         return tuple(owed)
 
-    def plan(self, n_batches: int) -> Plan:
-        """The whole segment: batches 0..n_batches-1 then the drain, for every stage."""
+    def plan(self, n_batches: int, closes: Collection[int] | None = None) -> Plan:
+        """The whole segment: batches 0..n_batches-1 then the drain, for every stage. ``validate``
+        accepts only plans with the fixed windows (``closes=None``)."""
         stages = []
         for i in range(self.n_stages):
             actions: list[Action] = []
             for k in range(n_batches):
-                actions += self.batch(i, k)
-            stages.append(tuple(actions) + self.drain(i, n_batches))
+                actions += self.batch(i, k, closes)
+            stages.append(tuple(actions) + self.drain(i, n_batches, closes))
         return Plan(self.schedule, self.n_stages, self.micro_batches, self.accumulation, n_batches,
                     tuple(stages))
 

@@ -6,8 +6,8 @@ Stage ``i`` runs on global rank ``N - 1 - i``.
 
 Per global batch Lightning calls ``training_step`` once; the strategy runs this stage's actions
 for the batch (runtime.py) and ``optimizer_step`` only evaluates the closure, because each stage
-steps its own optimizer where the plan says. Drains happen before validation/test, at checkpoints
-and at the end of fit.
+steps its own optimizer where the plan says. Drains happen before validation/test, at checkpoints,
+at epoch ends and at the end of fit (launch.py), before any user hook runs there.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
     PipelineSync,
+    drain_before_validation,
     drop_per_batch_sigterm_broadcast,
 )
 from lightning_paci.p2p import StageLink, boundary_groups
@@ -62,8 +63,8 @@ class PACIStrategy(ParallelStrategy):
         schedule: ``"paci"`` (asynchronous, no flush, bounded drift), ``"1f1b"`` (1F1B-flush) or
             ``"gpipe"``; the strategy names ``"pipe_1f1b"``/``"pipe_gpipe"`` mean the same.
         micro_batches: micro-batches per global batch (the DataLoader's batch); the batch size must
-            be divisible by it. Each stage steps after ``micro_batches * accumulate_grad_batches``
-            backwards.
+            be divisible by it. Each stage steps where Lightning would: after the backwards of every
+            ``accumulate_grad_batches``-th batch of an epoch and of its last batch.
         stages: number of stages; defaults to the number of devices, which it must equal.
         split_points: names of the modules where stages 1..N-1 begin, in execution order (see
             ``lightning_paci.partition``); default: an automatic split.
@@ -126,6 +127,7 @@ class PACIStrategy(ParallelStrategy):
         self._boundary_groups: list[tuple[Any, Any, Any]] | None = None
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
+        self._closes_window = False  # set while Lightning's optimizer_step runs this batch
         self.telemetry: list[dict[str, Any]] | None = None
         self.stage_timeline: list | None = None
 
@@ -221,6 +223,10 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError("gradient_clip_val with clipping by norm needs the global gradient norm, a "
                              "sync across stages PACI avoids (PACI.md limits); use "
                              "gradient_clip_algorithm='value' or drop gradient_clip_val")
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            raise ValueError("val_check_interval given as a time lets each stage process decide by its own clock "
+                             "when to validate (a drain point), so the stages would disagree: give it as a "
+                             "number of batches (int) or a fraction of the epoch (float)")
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
                              "stages; use precision='bf16-mixed' (or 32)")
@@ -289,6 +295,7 @@ class PACIStrategy(ParallelStrategy):
         if not any(isinstance(c, PipelineSync) for c in trainer.callbacks):
             trainer.callbacks.insert(0, PipelineSync(self))
         drop_per_batch_sigterm_broadcast(trainer)
+        drain_before_validation(trainer, self.drain)
 
     @override
     def model_to_device(self) -> None:
@@ -352,7 +359,7 @@ class PACIStrategy(ParallelStrategy):
         assert self.runtime is not None
         batch, batch_idx = args[0], args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
         with self.precision_plugin.train_step_context():
-            return self.runtime.train_batch(batch, batch_idx)
+            return self.runtime.train_batch(batch, batch_idx, closes_window=self._closes_window)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -370,7 +377,15 @@ class PACIStrategy(ParallelStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        return closure()  # stages step inside the runtime, after every a-th backward (the plan's S)
+        # Lightning calls this on the batches that end its accumulation windows (every
+        # accumulate_grad_batches-th of an epoch, and the epoch's last), and runs training_step
+        # inside the closure: each stage steps after that batch's last backward (the plan's S), so
+        # its version follows global_step.
+        self._closes_window = True
+        try:
+            return closure()
+        finally:
+            self._closes_window = False
 
     @override
     def on_validation_start(self) -> None:

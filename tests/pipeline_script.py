@@ -89,6 +89,26 @@ class _LaggingClock:
         return mark[0]
 
 
+class _WeightsAtHooks(L.Callback):
+    """Records this stage's own parameters at the hooks a user saves or inspects a model in (and rank 0's
+    val_loss after each validation): what a user's callback sees there."""
+
+    HOOKS = ("on_validation_start", "on_train_epoch_end", "on_train_end", "on_fit_end")
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+        for hook in self.HOOKS:
+            setattr(self, hook, lambda trainer, module, _hook=hook: self._record(_hook, module))
+
+    def _record(self, hook: str, module) -> None:
+        own = {k: v.detach().clone() for k, v in module.state_dict().items() if not v.is_meta}
+        self.seen.append((hook, own))
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.global_rank == 0 and not trainer.sanity_checking:
+            self.seen.append(("val_loss", float(trainer.callback_metrics["val_loss"])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
@@ -102,6 +122,10 @@ def main() -> None:
     parser.add_argument("--batch-format", default="tuple")
     parser.add_argument("--sched", action="store_true")
     parser.add_argument("--val-every", type=int, default=0)
+    parser.add_argument("--val-total", action="store_true",
+                        help="count --val-every over all batches, across epochs (check_val_every_n_epoch=None)")
+    parser.add_argument("--record-hooks", action="store_true",
+                        help="write each rank's parameters as seen at validation, epoch, train and fit ends")
     parser.add_argument("--logger", action="store_true")
     parser.add_argument("--fail-unit", default=None)
     parser.add_argument("--fail-step", type=int, default=0)
@@ -178,6 +202,8 @@ def main() -> None:
         callbacks.append(_CollectiveCounter())
     if args.record_batches:
         callbacks.append(_BatchRecorder())
+    if args.record_hooks:
+        callbacks.append(_WeightsAtHooks())
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1 if args.shared_device else args.stages, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
@@ -186,7 +212,8 @@ def main() -> None:
         use_distributed_sampler=args.shuffle,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
-        val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0)
+        val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0,
+        check_val_every_n_epoch=None if args.val_total else 1)
     n_batches = args.epoch_batches or args.steps * args.accumulate
     train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format,
                    shuffle=args.shuffle)
@@ -199,6 +226,8 @@ def main() -> None:
             (out / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(callback.calls))
         if isinstance(callback, _BatchRecorder):
             (out / f"batches_rank{trainer.global_rank}.json").write_text(json.dumps(callback.sums))
+        if isinstance(callback, _WeightsAtHooks):
+            torch.save(callback.seen, out / f"hooks_rank{trainer.global_rank}.pt")
     if args.start_method != "popen":  # the main process holds the whole trained model
         torch.save(model.state_dict(), out / "model.pt")
         stage = "all"

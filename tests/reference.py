@@ -5,6 +5,9 @@
 - ``replay_plan``: one process executes a plan's actions stage by stage, in any order its data
   dependencies allow, with each stage's own optimizer stepping at its S actions and backwards using
   the stage's current weights (PACI's semantics). It shares nothing with the runtime but the plan.
+  ``replay_segments`` runs several plans one after another (a drain between two), as a run with
+  validations or epoch ends in between does.
+- ``epoch_batches``: the batches Lightning's DistributedSampler (one replica, seed 0) yields.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from lightning_paci.plan import Plan
-from tests.models import LitTiny, loader
+from tests.models import LitTiny, loader, token_data
 
 
 def fresh_model(n_layers: int, dtype: torch.dtype = torch.float64, extras: bool = False) -> LitTiny:
@@ -31,6 +35,19 @@ def _optimizer(params, sched: bool):
 
 def batches(batch_size: int, steps: int, accumulate: int = 1) -> list:
     return list(loader(batch_size, n=batch_size * steps * accumulate))
+
+
+def epoch_batches(batch_size: int, n_batches: int, epochs: int, shuffle: bool) -> list:
+    """What Lightning feeds ``loader(batch_size, n=batch_size * n_batches)`` over ``epochs`` epochs
+    under a distributed strategy: its DistributedSampler (one replica, seed 0, set_epoch(e))."""
+    x, y = token_data(batch_size * n_batches)
+    out = []
+    for epoch in range(epochs):
+        sampler = DistributedSampler(TensorDataset(x, y), num_replicas=1, rank=0, shuffle=shuffle, seed=0)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))
+        out += [(x[idx], y[idx]) for idx in order.split(batch_size)]
+    return out
 
 
 def train_reference(n_layers: int, data: list, accumulate: int = 1, sched: bool = False,
@@ -65,13 +82,30 @@ def _run_units(lit: LitTiny, names: list[str], x: torch.Tensor | None, idx: torc
 
 def replay_plan(plan: Plan, stage_units: list[list[str]], n_layers: int, data: list,
                 sched: bool = False) -> dict:
+    return replay_segments([plan], stage_units, n_layers, data, sched)[-1]
+
+
+def replay_segments(plans: list[Plan], stage_units: list[list[str]], n_layers: int, data: list,
+                    sched: bool = False) -> list[dict]:
+    """Each plan on the next ``plan.n_batches`` batches of ``data``; the model after each (a copy).
+    Gradients of a window a plan leaves open stay accumulated into the next one."""
     lit = fresh_model(n_layers)
-    m, n = plan.micro_batches, plan.n_stages
     stages = []
     for units in stage_units:
         params = [p for u in units for p in lit.get_submodule(u).parameters()]
         aliases = [nn.Parameter(p.data) for p in params]
         stages.append((params, aliases, *_optimizer(aliases, sched)))
+    snapshots, offset = [], 0
+    for plan in plans:
+        _replay(plan, stage_units, lit, stages, data[offset:offset + plan.n_batches])
+        offset += plan.n_batches
+        snapshots.append({k: v.clone() for k, v in lit.state_dict().items()})
+    assert offset == len(data), f"the plans train {offset} batches, the data has {len(data)}"
+    return snapshots
+
+
+def _replay(plan: Plan, stage_units: list[list[str]], lit: LitTiny, stages: list, data: list) -> None:
+    m, n = plan.micro_batches, plan.n_stages
     micro = {}
     for k, (x, y) in enumerate(data):
         for part, (xs, ys) in enumerate(zip(x.chunk(m), y.chunk(m))):
@@ -114,4 +148,3 @@ def replay_plan(plan: Plan, stage_units: list[list[str]], n_layers: int, data: l
                 cursor[i] += 1
                 progressed = True
         assert progressed, "plan deadlocked in replay"
-    return lit.state_dict()
