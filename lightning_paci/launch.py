@@ -4,7 +4,8 @@
   starts (bad input fails there, with one message), and the multiprocessing one hands the main
   process the whole trained model and the pipeline telemetry, not rank 0's stage only.
 - The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by a local check, and a
-  callback makes the last stage's metrics visible on every stage at epoch and validation ends.
+  callback makes the last stage's metrics visible on every stage at epoch and validation ends and
+  before a ModelCheckpoint compares a metric at a training step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
@@ -42,6 +44,14 @@ def drop_per_batch_sigterm_broadcast(trainer: Trainer) -> None:
     loop._broadcast_sigterm_tensor = check_locally
 
 
+def _compares_monitor_now(callback: Callback, trainer: Trainer) -> bool:
+    """Whether ``callback`` is a ModelCheckpoint about to compare its monitored metric after this batch;
+    the same answer on every rank (it depends on the global step only)."""
+    return (isinstance(callback, ModelCheckpoint) and callback.monitor is not None
+            and callback._every_n_train_steps > 0 and trainer.global_step % callback._every_n_train_steps == 0
+            and not callback._should_skip_saving_checkpoint(trainer))
+
+
 class PipelineSync(Callback):
     """Runs first among callbacks: makes the last stage's metrics visible on every stage."""
 
@@ -56,6 +66,12 @@ class PipelineSync(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.sync_metrics()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        # Metrics logged in training_step exist on the last stage only. Only at the steps where a
+        # ModelCheckpoint compares them, where it issues collectives itself and saves (a drain).
+        if any(_compares_monitor_now(c, trainer) for c in trainer.checkpoint_callbacks):
+            self.strategy.sync_metrics()
 
 
 class _ChecksBeforeLaunch:

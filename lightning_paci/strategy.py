@@ -390,6 +390,10 @@ class PACIStrategy(ParallelStrategy):
         return tensor
 
     @override
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        return tensor.unsqueeze(0)  # DDP's result for one data-parallel replica, without a collective
+
+    @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         flag = torch.tensor(int(decision), device=self.root_device)
         dist.all_reduce(flag, op=dist.ReduceOp.SUM)
