@@ -5,7 +5,8 @@
   process the whole trained model and the pipeline telemetry, not rank 0's stage only.
 - The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by a local check, and a
   callback makes the last stage's metrics visible on every stage at epoch and validation ends and
-  before a ModelCheckpoint compares a metric at a training step.
+  before a ModelCheckpoint compares a metric at a training step. Callbacks that would issue a
+  collective after every training batch are refused (``check_callbacks``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
@@ -42,6 +43,22 @@ def drop_per_batch_sigterm_broadcast(trainer: Trainer) -> None:
             raise SIGTERMException()
 
     loop._broadcast_sigterm_tensor = check_locally
+
+
+def check_callbacks(trainer: Trainer) -> None:
+    """Refuse callbacks that broadcast rank 0's clock after every training batch: each stage would wait
+    for the last one once per batch (the bubble PACI removes). A collective at a drain point, an epoch
+    end or a checkpoint is fine."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and callback._duration is not None and callback._interval == "step":
+            raise ValueError("Trainer(max_time=...) / Timer(interval='step') broadcasts rank 0's clock after "
+                             "every training batch, which stalls every pipeline stage once per batch; use "
+                             "max_steps, or callbacks=[Timer(duration=..., interval='epoch')] to check the time "
+                             "once per epoch")
+        if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None:
+            raise ValueError("ModelCheckpoint(train_time_interval=...) broadcasts rank 0's clock after every "
+                             "training batch, which stalls every pipeline stage once per batch; use "
+                             "every_n_train_steps")
 
 
 def _compares_monitor_now(callback: Callback, trainer: Trainer) -> bool:

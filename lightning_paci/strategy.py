@@ -41,6 +41,7 @@ from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
     PipelineSync,
+    check_callbacks,
     drop_per_batch_sigterm_broadcast,
 )
 from lightning_paci.p2p import StageLink, boundary_groups
@@ -203,6 +204,7 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError("gradient_clip_val with clipping by norm needs the global gradient norm, a "
                              "sync across stages PACI avoids (PACI.md limits); use "
                              "gradient_clip_algorithm='value' or drop gradient_clip_val")
+        check_callbacks(trainer)
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
                              "stages; use precision='bf16-mixed' (or 32)")

@@ -15,6 +15,7 @@ import csv
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +24,7 @@ import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
@@ -167,6 +168,27 @@ def test_metrics_logs_and_outputs_match_single_device(tmp_path, reference, sched
     assert record["best_score"] == pytest.approx(expected_record["best_score"], rel=1e-9)
     assert record["early_stopping_best"] == pytest.approx(expected_record["early_stopping_best"], rel=1e-9)
 
+
+
+@pytest.mark.parametrize("trainer_kwargs,callback,message", [
+    ({"max_time": {"minutes": 5}}, None, r"Trainer\(max_time=...\)"),
+    ({}, Timer(timedelta(minutes=5), interval="step"), r"interval='epoch'"),
+    ({}, ModelCheckpoint(train_time_interval=timedelta(minutes=5)), "use every_n_train_steps"),
+])
+def test_per_batch_clock_broadcasts_are_refused_before_launch(trainer_kwargs, callback, message):
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=PACIStrategy(), max_steps=1, logger=False,
+                        enable_progress_bar=False, callbacks=[callback] if callback else None, **trainer_kwargs)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(LitTiny(), loader())
+    assert not torch.distributed.is_initialized()
+
+
+def test_collectives_once_per_epoch_are_accepted():
+    from lightning_paci.launch import check_callbacks
+
+    check_callbacks(L.Trainer(accelerator="cpu", devices=2, strategy=PACIStrategy(), logger=False,
+                              callbacks=[Timer(timedelta(minutes=5), interval="epoch"),
+                                         EarlyStopping("x", check_on_train_epoch_end=True)]))
 
 
 if __name__ == "__main__":
