@@ -81,8 +81,19 @@ class PipelineSync(Callback):
             if trainer.state.fn == TrainerFn.FITTING:
                 self.strategy.publish_telemetry()
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.strategy.sync_metrics()
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning runs the module's on_train_epoch_end after the other callbacks' and before the
+        # monitoring ones (EarlyStopping, ModelCheckpoint): copy the metrics right after it, so what
+        # the module logs in that hook reaches them too.
+        user_hook = pl_module.on_train_epoch_end
+
+        def then_sync() -> None:
+            user_hook()
+            self.strategy.sync_metrics()
+        pl_module.on_train_epoch_end = then_sync
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.__dict__.pop("on_train_epoch_end", None)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # Metrics logged in training_step exist on the last stage only. Only at the steps where a

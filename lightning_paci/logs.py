@@ -11,6 +11,9 @@ on one device: Lightning sees one ``self.log`` call per name and one return valu
 - The last stage is the only data-parallel replica, so a Metric's sync across processes is a
   no-op, as in a one-process run: Lightning calls ``compute()`` on the last stage only, and a
   torchmetrics sync would wait there for the other stages forever.
+- Every value logged comes from the last stage. Other stages run the module's hooks too (a Metric
+  logged in ``on_train_epoch_end`` computes there on an empty state); their ``self.log`` calls are
+  dropped, and PipelineSync copies the last stage's metrics to them for callbacks.
 - ``validation_step``/``test_step`` return values: see ``combine_outputs``.
 """
 
@@ -34,12 +37,18 @@ def _single_replica() -> bool:
     return False  # torchmetrics' distributed_available_fn: no other replica to sync with
 
 
+def _dropped(*args: Any, **kwargs: Any) -> None:
+    """``self.log`` on a stage other than the last: its values are not the model's."""
+
+
 class LogCapture:
     """Collects the ``self.log`` calls of the micro-batches of one batch (``with capture:`` around each)
     and logs each name once per batch in ``flush``."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, last: bool) -> None:
         self.module = module
+        if not last:
+            module.log = _dropped  # instance attribute shadows LightningModule.log (log_dict calls it)
         self.records: dict[str, list[tuple[Any, dict[str, Any], int]]] = {}
         self.weight = 1  # samples in the current micro-batch, where they may differ (evaluation)
         self.metrics = [m for m in module.modules() if isinstance(m, Metric)]
@@ -47,14 +56,19 @@ class LogCapture:
             metric.distributed_available_fn = _single_replica
         self._calls: dict[int, list[tuple[tuple, dict]]] = {}  # id(metric) -> this batch's metric(...) calls
         self._hooks: list[Any] = []
+        self._outer: Any = None
 
     def __enter__(self) -> LogCapture:
-        self.module.log = self._record  # instance attribute shadows LightningModule.log
+        self._outer = self.module.__dict__.get("log")
+        self.module.log = self._record
         self._hooks = [m.register_forward_pre_hook(self._remember, with_kwargs=True) for m in self.metrics]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.module.log
+        if self._outer is None:
+            del self.module.log
+        else:
+            self.module.log = self._outer
         for hook in self._hooks:
             hook.remove()
 

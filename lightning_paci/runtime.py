@@ -90,7 +90,7 @@ class StageRuntime:
         self._batch_idx = 0
         self._losses: list[Tensor] = []
         self._output: Any = None
-        self._log = LogCapture(module)
+        self._log = LogCapture(module, self.last)
         # telemetry
         self.drift = Counter()
         self.peak_in_flight = 0

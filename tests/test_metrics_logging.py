@@ -40,8 +40,8 @@ class LitMetrics(LitTiny):
 
     def __init__(self) -> None:
         super().__init__(dtype=torch.float64)
-        self.train_acc, self.train_acc_u, self.val_acc, self.val_acc_f = (
-            MulticlassAccuracy(32, average="micro") for _ in range(4))
+        self.train_acc, self.train_acc_u, self.train_acc_hook, self.val_acc, self.val_acc_f = (
+            MulticlassAccuracy(32, average="micro") for _ in range(5))
 
     def _outputs(self, batch):
         x, y = batch
@@ -55,6 +55,7 @@ class LitMetrics(LitTiny):
         self.train_acc(preds, y)  # forward: the batch's accuracy, accumulated into the epoch's
         self.log("train_acc", self.train_acc, on_step=True, on_epoch=True)
         self.train_acc_u.update(preds, y)
+        self.train_acc_hook.update(preds, y)
         self.log("train_acc_u", self.train_acc_u, on_step=False, on_epoch=True)
         self.log("train_acc_t", correct.mean(), on_step=True, on_epoch=True)
         self.log("n_correct", correct.sum(), reduce_fx="sum", on_step=True, on_epoch=True)
@@ -62,6 +63,9 @@ class LitMetrics(LitTiny):
         self.log("loss_min", losses.min(), reduce_fx="min", on_step=True, on_epoch=True)
         self.log("train_loss", losses.mean())
         return losses.mean()
+
+    def on_train_epoch_end(self):
+        self.log("train_acc_hook", self.train_acc_hook)  # every stage runs this hook
 
     def validation_step(self, batch, batch_idx):
         losses, preds, y, correct = self._outputs(batch)
@@ -102,6 +106,9 @@ def fit(out: Path, strategy: PACIStrategy | None) -> None:
                  ModelCheckpoint(out / "ckpt", monitor="train_loss", every_n_train_steps=2, save_top_k=1,
                                  filename="{step}"),
                  EarlyStopping(monitor="train_acc_t_epoch", mode="max", patience=100,
+                               check_on_train_epoch_end=True),
+                 # stops if any stage sees 0 (an empty Metric's value): the data's accuracy is above it
+                 EarlyStopping(monitor="train_acc_hook", mode="min", stopping_threshold=1e-6,
                                check_on_train_epoch_end=True)]
     trainer = L.Trainer(accelerator="cpu", devices=2 if strategy else 1, strategy=strategy or "auto",
                         max_steps=STEPS, max_epochs=-1, callbacks=callbacks, logger=CSVLogger(out, name="csv"),
@@ -143,7 +150,7 @@ def test_metrics_logs_and_outputs_match_single_device(tmp_path, reference, sched
     assert _values(got, "train_acc_step") == approx(_values(got, "train_acc_t_step"))
     assert len(got["train_acc_step"]) == STEPS
     assert _values(got, "n_correct_step") == approx([v * TOKENS for v in _values(got, "train_acc_t_step")])
-    for key in ("train_acc_epoch", "train_acc_u"):
+    for key in ("train_acc_epoch", "train_acc_u", "train_acc_hook"):
         assert _values(got, key) == approx(_values(got, "train_acc_t_epoch"))
     for key in ("val_acc", "val_acc_f_epoch", "val_gathered"):
         assert _values(got, key) == approx(_values(got, "val_acc_t_epoch"))
