@@ -4,7 +4,9 @@
   starts (bad input fails there, with one message), and the multiprocessing one hands the main
   process the whole trained model and the pipeline telemetry, not rank 0's stage only.
 - The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by a local check, and a
-  callback makes the last stage's metrics visible on every stage at epoch and validation ends.
+  callback makes the last stage's metrics visible on every stage at epoch and validation ends and
+  before a ModelCheckpoint compares a metric at a training step. Callbacks that would issue a
+  collective after every training batch are refused (``check_callbacks``).
 - Drain points: the pipeline drains where the fit loop decides to validate, and first thing at
   every epoch end and at the end of training, so that no Lightning or user hook after training
   batches sees a stage with backwards or a step still owed (see ``drain_before_validation``).
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
@@ -77,6 +80,30 @@ def drain_before_validation(trainer: Trainer, drain: Callable[[], None]) -> None
     loop._should_check_val_fx = decide_and_drain
 
 
+def check_callbacks(trainer: Trainer) -> None:
+    """Refuse callbacks that broadcast rank 0's clock after every training batch: each stage would wait
+    for the last one once per batch (the bubble PACI removes). A collective at a drain point, an epoch
+    end or a checkpoint is fine."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and callback._duration is not None and callback._interval == "step":
+            raise ValueError("Trainer(max_time=...) / Timer(interval='step') broadcasts rank 0's clock after "
+                             "every training batch, which stalls every pipeline stage once per batch; use "
+                             "max_steps, or callbacks=[Timer(duration=..., interval='epoch')] to check the time "
+                             "once per epoch")
+        if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None:
+            raise ValueError("ModelCheckpoint(train_time_interval=...) broadcasts rank 0's clock after every "
+                             "training batch, which stalls every pipeline stage once per batch; use "
+                             "every_n_train_steps")
+
+
+def _compares_monitor_now(callback: Callback, trainer: Trainer) -> bool:
+    """Whether ``callback`` is a ModelCheckpoint about to compare its monitored metric after this batch;
+    the same answer on every rank (it depends on the global step only)."""
+    return (isinstance(callback, ModelCheckpoint) and callback.monitor is not None
+            and callback._every_n_train_steps > 0 and trainer.global_step % callback._every_n_train_steps == 0
+            and not callback._should_skip_saving_checkpoint(trainer))
+
+
 class PipelineSync(Callback):
     """Runs first among callbacks: drains at the ends of epochs and of training, so that every later
     hook sees final weights, and makes the last stage's metrics visible on every stage."""
@@ -92,10 +119,27 @@ class PipelineSync(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.drain()  # Lightning steps on an epoch's last batch: that window closes here
-        self.strategy.sync_metrics()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning runs the module's on_train_epoch_end after the other callbacks' and before the
+        # monitoring ones (EarlyStopping, ModelCheckpoint): copy the metrics right after it, so what
+        # the module logs in that hook reaches them too.
+        user_hook = pl_module.on_train_epoch_end
+
+        def then_sync() -> None:
+            user_hook()
+            self.strategy.sync_metrics()
+        pl_module.on_train_epoch_end = then_sync
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        # Metrics logged in training_step exist on the last stage only. Only at the steps where a
+        # ModelCheckpoint compares them, where it issues collectives itself and saves (a drain).
+        if any(_compares_monitor_now(c, trainer) for c in trainer.checkpoint_callbacks):
+            self.strategy.sync_metrics()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.drain()  # the callbacks' and the module's on_train_end run before the strategy's
+        pl_module.__dict__.pop("on_train_epoch_end", None)  # on_train_start's wrapper
 
 
 class _ChecksBeforeLaunch:

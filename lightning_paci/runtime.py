@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_paci.clock import clock_for
 from lightning_paci.hollow import StageView
+from lightning_paci.logs import LogCapture, combine_outputs
 from lightning_paci.memory import PeakMemory
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action
@@ -65,38 +66,6 @@ def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
 _SETTLE_EVERY = 512  # actions between non-blocking settles of clock marks
 
 
-class _LogCapture:
-    """Collects the ``self.log`` calls of the micro-batches of one batch and logs their mean once."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.records: dict[str, list[tuple[Any, tuple, dict, int]]] = {}
-        self.weight = 1
-
-    def __enter__(self) -> _LogCapture:
-        self.module.log = self._record  # instance attribute shadows LightningModule.log
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        del self.module.log
-
-    def _record(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        if isinstance(value, Tensor):
-            value = value.detach()
-        self.records.setdefault(name, []).append((value, args, kwargs, self.weight))
-
-    def flush(self) -> None:
-        for name, records in self.records.items():
-            value, args, kwargs, _ = records[-1]
-            if isinstance(value, (Tensor, int, float)) and len(records) > 1:
-                total = sum(w for *_, w in records)
-                value = sum(torch.as_tensor(v, dtype=torch.float64) * w for v, _, _, w in records) / total
-                if "batch_size" in kwargs:
-                    kwargs = {**kwargs, "batch_size": kwargs["batch_size"] * len(records)}
-            self.module.log(name, value, *args, **kwargs)
-        self.records.clear()
-
-
 def _loss_of(output: Any) -> Tensor:
     loss = output.get("loss") if isinstance(output, dict) else output
     if not isinstance(loss, Tensor):
@@ -127,7 +96,7 @@ class StageRuntime:
         self._batch_idx = 0
         self._losses: list[Tensor] = []
         self._output: Any = None
-        self._log = _LogCapture(module)
+        self._log = LogCapture(module, self.last)
         # telemetry
         self.drift = Counter()
         self.peak_in_flight = 0
@@ -191,7 +160,7 @@ class StageRuntime:
         self.drain()
         micro = split_batch(batch, self.spec.micro_batches, exact=False)
         step = getattr(self.module, step_name)
-        result = None
+        results, sizes = [], []
         with torch.no_grad():
             for part in micro:
                 received = self.link.recv_activations() if self.stage > 0 else []
@@ -200,10 +169,12 @@ class StageRuntime:
                     result, out = self.view.run(lambda: step(part, batch_idx, *extra), received)
                 if out is not None:
                     self.link.send_activations(out)
+                results.append(result)
+                sizes.append(self._log.weight)
         self._log.weight = 1
         self._log.flush()
         self.link.take_waits()  # evaluation is not training time: its waits stay out of telemetry
-        return result
+        return combine_outputs(step_name, results, sizes) if self.last else None
 
     # -- the table of handlers -------------------------------------------------------------------------
     def _run(self, actions: tuple[Action, ...], where: str) -> None:

@@ -44,6 +44,7 @@ from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
     PipelineSync,
+    check_callbacks,
     drain_before_validation,
     drop_per_batch_sigterm_broadcast,
 )
@@ -227,6 +228,9 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError("val_check_interval given as a time lets each stage process decide by its own clock "
                              "when to validate (a drain point), so the stages would disagree: give it as a "
                              "number of batches (int) or a fraction of the epoch (float)")
+
+
+        check_callbacks(trainer)
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
                              "stages; use precision='bf16-mixed' (or 32)")
@@ -432,6 +436,10 @@ class PACIStrategy(ParallelStrategy):
         # Values logged with sync_dist come from one data-parallel replica: nothing to reduce, and
         # a collective here would stall the other stages mid-pipeline.
         return tensor
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        return tensor.unsqueeze(0)  # DDP's result for one data-parallel replica, without a collective
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
