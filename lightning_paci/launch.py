@@ -4,7 +4,8 @@
   starts (bad input fails there, with one message), and the multiprocessing one hands the main
   process the whole trained model and the pipeline telemetry, not rank 0's stage only.
 - The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by a local check, and a
-  callback makes the last stage's metrics visible on every stage at epoch and validation ends.
+  callback makes the last stage's metrics visible on every stage at epoch and validation ends, and
+  brings values logged in backward/step hooks on other stages to rank 0's loggers (hooks.py).
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ class PipelineSync(Callback):
         if not trainer.sanity_checking:
             self.strategy.sync_metrics()
             if trainer.state.fn == TrainerFn.FITTING:
+                self.strategy.send_hook_logs()
                 self.strategy.publish_telemetry()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.sync_metrics()
+        self.strategy.send_hook_logs()
 
 
 class _ChecksBeforeLaunch:

@@ -9,6 +9,8 @@ batch and ``spec.drain(stage, n)`` at drain points; the runtime runs those actio
   loss scaled by 1/accumulation), send the input gradient back.
 - ``S``: optimizer step of this stage, LR schedulers, clear gradients.
 
+``B`` and ``S`` call Lightning's backward and optimizer-step hooks as one device does (hooks.py).
+
 Stale weights (PACI.md): the optimizer updates ``nn.Parameter(p.data)`` aliases whose ``.grad`` is
 the real gradient. In-place writes through an alias do not bump the real parameter's version
 counter, so a backward still in flight reads the updated weights instead of raising; no copy of a
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_paci.hollow import StageView
+from lightning_paci.hooks import StageHooks
 from lightning_paci.memory import PeakMemory
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action
@@ -106,12 +109,12 @@ class StageRuntime:
     def __init__(self, module: nn.Module, view: StageView, spec: PlanSpec, link: StageLink,
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
-                 forward_context: Callable[[], Any] = nullcontext, clip_value: float | None = None,
+                 forward_context: Callable[[], Any] = nullcontext, hooks: StageHooks | None = None,
                  record_timeline: bool = False) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
-        self.device, self.forward_context, self.clip_value = device, forward_context, clip_value
+        self.device, self.forward_context, self.hooks = device, forward_context, hooks
         self.handlers = {"F": self._forward, "B": self._backward, "S": self._step}
         self.batches_since_drain = 0
         self.version = 0  # optimizer steps taken by this stage
@@ -138,7 +141,13 @@ class StageRuntime:
         start = self._last_end if self._last_end is not None else time.perf_counter()
         self._micro = split_batch(batch, self.spec.micro_batches, exact=True)
         self._first, self._batch_idx, self._losses, self._output = k * self.spec.micro_batches, batch_idx, [], None
-        self._run(self.spec.batch(self.stage, k), f"batch {k} since the last drain")
+        if self.hooks is not None:
+            self.hooks.direct = self.last  # the logger's process, inside a batch: hooks log as usual
+        try:
+            self._run(self.spec.batch(self.stage, k), f"batch {k} since the last drain")
+        finally:
+            if self.hooks is not None:
+                self.hooks.direct = False
         self.batches_since_drain += 1
         self._last_end = time.perf_counter()
         self.wall_s += self._last_end - start  # includes the loop's time between batches: idle, not busy
@@ -247,24 +256,33 @@ class StageRuntime:
 
     def _backward(self, j: int) -> None:
         inputs, outputs, version = self._in_flight.pop(j)
+        hooks = self.hooks
         if self.last:
-            loss = outputs[0].detach() * self.spec.accumulation
-            outputs[0].backward()
+            scaled = outputs[0]
+            loss = scaled.detach() * self.spec.accumulation
+            if hooks is not None:
+                scaled = hooks.before_backward(scaled, self.version)
+            scaled.backward()
         else:
             grads, loss = self.link.recv_grads(outputs)
+            scaled = loss.squeeze(0) / self.spec.accumulation
+            if hooks is not None:
+                hooks.before_backward(scaled, self.version)
             pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             self._losses.append(loss.squeeze(0))
         if self.stage > 0:
             self.link.send_grads([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs], loss)
+        if hooks is not None:  # after the send: the previous stage need not wait for the hook
+            hooks.after_backward(scaled, self.version)
         self.drift[self.version - version] += 1
 
     def _step(self, _: None) -> None:
         for param, alias in self.aliases:
             alias.grad = param.grad
-        if self.clip_value is not None:
-            torch.nn.utils.clip_grad_value_([a for _, a in self.aliases if a.grad is not None], self.clip_value)
+        if self.hooks is not None:  # the hooks see the real parameters' grads, clipping acts on the aliases'
+            self.hooks.before_step(self.optimizer, self.version)
         self.optimizer.step()
         self.version += 1
         for config in self.schedulers:

@@ -31,12 +31,14 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
 from lightning_paci.hollow import StageView
+from lightning_paci.hooks import StageHooks, send_to_rank_zero
 from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
@@ -199,10 +201,12 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError("PACIStrategy runs forward, backward and each stage's optimizer step itself; "
                              "it needs automatic_optimization=True (remove `self.automatic_optimization = "
                              "False` and the manual_backward/optimizer.step calls from training_step)")
-        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value":
+        if (trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value"
+                and not is_overridden("configure_gradient_clipping", module)):
             raise ValueError("gradient_clip_val with clipping by norm needs the global gradient norm, a "
                              "sync across stages PACI avoids (PACI.md limits); use "
-                             "gradient_clip_algorithm='value' or drop gradient_clip_val")
+                             "gradient_clip_algorithm='value', drop gradient_clip_val, or override "
+                             "configure_gradient_clipping (it then sees one stage's gradients)")
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
                              "stages; use precision='bf16-mixed' (or 32)")
@@ -314,7 +318,7 @@ class PACIStrategy(ParallelStrategy):
             optimizer=self.optimizers[0] if fitting else None,
             aliases=self._aliases, schedulers=self._schedulers,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
-            clip_value=trainer.gradient_clip_val if trainer.gradient_clip_val else None,
+            hooks=StageHooks(self.lightning_module, self.precision_plugin, self.stage, trainer.log_every_n_steps),
             record_timeline=self._record_timeline)
 
     # -- the training loop -------------------------------------------------------------------------------
@@ -354,11 +358,17 @@ class PACIStrategy(ParallelStrategy):
     @override
     def on_train_end(self) -> None:
         self.drain()
+        self.send_hook_logs()
         self.publish_telemetry()
 
     def drain(self) -> None:
         if self.runtime is not None:
             self.runtime.drain()
+
+    def send_hook_logs(self) -> None:
+        """Values logged in backward/step hooks off rank 0 reach its loggers (hooks.py; a collective)."""
+        if self.runtime is not None:
+            send_to_rank_zero(self.runtime.hooks, self.stage, self.n_stages - 1, self.lightning_module.trainer.loggers)
 
     def publish_telemetry(self) -> None:
         """Gather every stage's telemetry on rank 0 (a drain point: no bubble to cost) and log it."""
