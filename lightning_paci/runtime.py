@@ -63,6 +63,21 @@ def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
     return [tree_unflatten([c[k] for c in columns], spec) for k in range(parts)]
 
 
+def join_micro_batches(results: list[Any], sizes: list[int]) -> Any:
+    """The inverse of ``split_batch`` for a step's outputs: the micro-batches' results concatenated
+    along dim 0 when every result has the same structure of tensors whose dim 0 is its micro-batch's
+    size (what ``predict_step`` returns for a batch); otherwise the list of results, in order."""
+    if len(results) == 1:
+        return results[0]
+    flat = [tree_flatten(r) for r in results]
+    spec = flat[0][1]
+    joinable = all(leaves and s == spec and all(isinstance(x, Tensor) and x.dim() and len(x) == n for x in leaves)
+                   for (leaves, s), n in zip(flat, sizes))
+    if not joinable:
+        return results
+    return tree_unflatten([torch.cat(column) for column in zip(*(leaves for leaves, _ in flat))], spec)
+
+
 class _LogCapture:
     """Collects the ``self.log`` calls of the micro-batches of one batch and logs their mean once."""
 
@@ -172,11 +187,20 @@ class StageRuntime:
 
     def eval_batch(self, step_name: str, batch: Any, batch_idx: int, *extra: Any) -> Any:
         """Forward-only pipelining of ``validation_step``/``test_step`` over the micro-batches."""
+        return self._forward_only(step_name, batch, batch_idx, extra)[-1][0]
+
+    def predict_batch(self, batch: Any, batch_idx: int, *extra: Any) -> Any:
+        """``predict_step`` pipelined as evaluation: the batch's predictions on the last stage, else None."""
+        results = self._forward_only("predict_step", batch, batch_idx, extra)
+        return join_micro_batches([r for r, _ in results], [n for _, n in results]) if self.last else None
+
+    def _forward_only(self, step_name: str, batch: Any, batch_idx: int, extra: tuple) -> list[tuple[Any, int]]:
+        """Each micro-batch's result (None before the last stage) with its size."""
         self.drain()
         waited = self.link.wait_s  # evaluation is not training time: keep its waits out of telemetry
         micro = split_batch(batch, self.spec.micro_batches, exact=False)
         step = getattr(self.module, step_name)
-        result = None
+        results = []
         with torch.no_grad():
             for part in micro:
                 received = self.link.recv_activations() if self.stage > 0 else []
@@ -185,10 +209,11 @@ class StageRuntime:
                     result, out = self.view.run(lambda: step(part, batch_idx, *extra), received)
                 if out is not None:
                     self.link.send_activations(out)
+                results.append((result, self._log.weight))
         self._log.weight = 1
         self._log.flush()
         self.link.wait_s = waited
-        return result
+        return results
 
     # -- the table of handlers -------------------------------------------------------------------------
     def _run(self, actions: tuple[Action, ...], where: str) -> None:

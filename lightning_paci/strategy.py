@@ -44,6 +44,7 @@ from lightning_paci.launch import (
     CheckedScriptLauncher,
     PipelineSync,
     drop_per_batch_sigterm_broadcast,
+    drop_prediction_writers,
 )
 from lightning_paci.p2p import StageLink, boundary_groups
 from lightning_paci.partition import PARTITIONS, Partition, partition_model
@@ -272,6 +273,8 @@ class PACIStrategy(ParallelStrategy):
         if not any(isinstance(c, PipelineSync) for c in trainer.callbacks):
             trainer.callbacks.insert(0, PipelineSync(self))
         drop_per_batch_sigterm_broadcast(trainer)
+        if trainer.state.fn == TrainerFn.PREDICTING and self.stage != self.n_stages - 1:
+            drop_prediction_writers(trainer)
 
     @override
     def model_to_device(self) -> None:
@@ -340,6 +343,12 @@ class PACIStrategy(ParallelStrategy):
             return self.runtime.eval_batch("test_step", *args, **kwargs)
 
     @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.runtime is not None
+        with self.precision_plugin.predict_step_context():
+            return self.runtime.predict_batch(*args, **kwargs)
+
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         return closure_loss  # the runtime already ran every backward of the batch
 
@@ -353,6 +362,10 @@ class PACIStrategy(ParallelStrategy):
 
     @override
     def on_test_start(self) -> None:
+        self.drain()
+
+    @override
+    def on_predict_start(self) -> None:
         self.drain()
 
     @override

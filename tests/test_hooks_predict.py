@@ -3,7 +3,8 @@
 Each stage must call on_before_backward/on_after_backward once per micro-batch backward (B) and
 on_before_optimizer_step/configure_gradient_clipping once per optimizer step (S), on its own
 parameters, as Lightning calls them on one device with ``accumulate_grad_batches=micro_batches``
-and a batch of one micro-batch (the reference below).
+and a batch of one micro-batch (the reference below). ``trainer.predict`` returns every batch's
+predictions in the main process. Two pipeline runs (1F1B with popen, PACI with spawn) serve all tests.
 """
 
 from __future__ import annotations
@@ -76,11 +77,26 @@ def _scalars(out: Path) -> EventAccumulator:
     return events
 
 
-def test_hooks_run_per_stage_as_lightning_runs_them_on_one_device(tmp_path):
-    """1F1B (popen): every hook in Lightning's order, with the same losses, gradient norms and value
+@pytest.fixture(scope="module")
+def flush_run(tmp_path_factory):
+    """1F1B, popen launcher, clipping by value; fit, then predict with a BasePredictionWriter."""
+    out = tmp_path_factory.mktemp("flush")
+    stages = _run(out, "--schedule", "1f1b", "--clip", str(CLIP), "--predict", "--writer")
+    single, trainer = _single_process(out / "single", CLIP)
+    return out, stages, single, trainer
+
+
+@pytest.fixture(scope="module")
+def paci_run(tmp_path_factory):
+    """PACI, spawn launcher; fit, then predict with return_predictions=True."""
+    out = tmp_path_factory.mktemp("paci")
+    return out, _run(out, "--schedule", "paci", "--start-method", "spawn", "--predict", "--return-predictions")
+
+
+def test_hooks_run_per_stage_as_lightning_runs_them_on_one_device(flush_run):
+    """1F1B: every hook in Lightning's order, with the same losses, gradient norms and value
     clipping per stage as one device; grad norms logged on stage 0 reach TensorBoard on rank 0."""
-    stages = _run(tmp_path, "--schedule", "1f1b", "--clip", str(CLIP))
-    single, _ = _single_process(tmp_path / "single", CLIP)
+    tmp_path, stages, single, _ = flush_run
     names = [[c[0] for c in single.calls]] * 2
     assert [[c[0] for c in s["calls"]] for s in stages] == names
     assert names[0].count("on_before_backward") == STEPS * M
@@ -109,14 +125,14 @@ def test_hooks_run_per_stage_as_lightning_runs_them_on_one_device(tmp_path):
     assert "grad_2.0_norm_total/stage0" in tags and "grad_2.0_norm_total" in tags
 
 
-def test_paci_calls_every_hook_and_logs_the_last_window_at_the_drain(tmp_path):
-    """PACI (spawn): stage 0 steps a window late (during the next batch, the last one at the end-of-fit
+def test_paci_calls_every_hook_and_logs_the_last_window_at_the_drain(tmp_path, paci_run):
+    """PACI: stage 0 steps a window late (during the next batch, the last one at the end-of-fit
     drain); it still calls every hook in Lightning's order, and every step's norms reach the logger."""
-    stages = _run(tmp_path, "--schedule", "paci", "--start-method", "spawn")
+    out, stages = paci_run
     single, _ = _single_process(tmp_path / "single", 0.0)
     names = [c[0] for c in single.calls]
     assert [[c[0] for c in s["calls"]] for s in stages] == [names, names]
-    events = _scalars(tmp_path)
+    events = _scalars(out)
     wte = "grad_2.0_norm/model.transformer.wte.weight/stage0"
     assert [e.step for e in events.Scalars(wte)] == list(range(STEPS))
 
@@ -134,3 +150,37 @@ def test_norm_clipping_is_allowed_with_the_users_own_configure_gradient_clipping
                 strategy._check_module(model, trainer)
         else:
             strategy._check_module(model, trainer)
+
+
+def test_predict_returns_every_prediction_in_the_main_process(flush_run):
+    """popen: trainer.predict on rank 0 (the main process, the last stage) returns each batch's
+    predictions, equal to Lightning's single-device predict; the writer runs on the last stage only."""
+    out, _, single, trainer = flush_run
+    expected = trainer.predict(single, loader(8, n=16, seed=1))
+    predictions = torch.load(out / "predictions.pt")
+    assert len(predictions) == 2 and predictions[0].shape == (8, 8, 32)
+    for actual, wanted in zip(predictions, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-10, atol=1e-10)
+    written = sorted(p.name for p in out.glob("written_rank*"))
+    assert written == ["written_rank0_batch0.pt", "written_rank0_batch1.pt"]
+    for k, actual in enumerate(predictions):
+        torch.testing.assert_close(torch.load(out / f"written_rank0_batch{k}.pt"), actual, rtol=0, atol=0)
+
+
+def test_predict_under_spawn_returns_predictions_to_the_main_process(paci_run):
+    """spawn: return_predictions=True (which Lightning refuses for spawn under DDP) brings the
+    predictions back; they equal the trained model's own forward in the main process."""
+    out, _ = paci_run
+    predictions, direct = torch.load(out / "predictions.pt"), torch.load(out / "direct.pt")
+    assert len(predictions) == len(direct) == 2
+    for actual, wanted in zip(predictions, direct):
+        torch.testing.assert_close(actual, wanted, rtol=1e-10, atol=1e-10)
+
+
+def test_micro_batch_results_join_along_the_batch_dimension():
+    from lightning_paci.runtime import join_micro_batches
+
+    parts = [{"y": torch.full((2, 3), float(k))} for k in range(3)]
+    assert join_micro_batches(parts, [2, 2, 2])["y"].shape == (6, 3)
+    scalars = [torch.tensor(1.0), torch.tensor(2.0)]
+    assert join_micro_batches(scalars, [4, 4]) is scalars  # not batch-shaped: the list, in order
