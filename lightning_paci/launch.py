@@ -6,7 +6,8 @@
 - The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by a local check, and a
   callback makes the last stage's metrics visible on every stage at epoch and validation ends and
   before a ModelCheckpoint compares a metric at a training step. Callbacks that would issue a
-  collective after every training batch are refused (``check_callbacks``).
+  collective after every training batch are refused (``check_callbacks``). Values logged in
+  backward/step hooks on other stages reach rank 0's loggers (hooks.py).
 - Drain points: the pipeline drains where the fit loop decides to validate, and first thing at
   every epoch end and at the end of training, so that no Lightning or user hook after training
   batches sees a stage with backwards or a step still owed (see ``drain_before_validation``).
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
@@ -104,6 +107,12 @@ def _compares_monitor_now(callback: Callback, trainer: Trainer) -> bool:
             and not callback._should_skip_saving_checkpoint(trainer))
 
 
+def drop_prediction_writers(trainer: Trainer) -> None:
+    """Stages before the last have no predictions (their predict_step stops at the stage boundary):
+    prediction writers run on the last stage, global rank 0, with every prediction."""
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, BasePredictionWriter)]
+
+
 class PipelineSync(Callback):
     """Runs first among callbacks: drains at the ends of epochs and of training, so that every later
     hook sees final weights, and makes the last stage's metrics visible on every stage."""
@@ -115,10 +124,12 @@ class PipelineSync(Callback):
         if not trainer.sanity_checking:
             self.strategy.sync_metrics()
             if trainer.state.fn == TrainerFn.FITTING:
+                self.strategy.send_hook_logs()
                 self.strategy.publish_telemetry()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.drain()  # Lightning steps on an epoch's last batch: that window closes here
+        self.strategy.send_hook_logs()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning runs the module's on_train_epoch_end after the other callbacks' and before the
@@ -156,7 +167,14 @@ class CheckedScriptLauncher(_ChecksBeforeLaunch, _SubprocessScriptLauncher):
 
 
 class CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLauncher):
-    """Hands the main process the whole trained model and the telemetry, not rank 0's stage only."""
+    """Hands the main process the whole trained model, the telemetry and the predictions, not rank 0's
+    stage only."""
+
+    @override
+    def _wrapping_function(self, process_idx: int, trainer: Trainer | None, function: Callable, *args: Any) -> None:
+        if trainer is not None and trainer.state.fn == TrainerFn.PREDICTING:
+            function = _returning_predictions(trainer, function)
+        super()._wrapping_function(process_idx, trainer, function, *args)
 
     @override
     def _collect_rank_zero_results(self, trainer: Trainer, results: Any) -> Any:
@@ -171,6 +189,8 @@ class CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLaunch
             strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
         callback = trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", None)
+        if trainer.state.fn == TrainerFn.PREDICTING:
+            results = _ByValue(results)
         return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
 
     @override
@@ -194,3 +214,36 @@ class CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLaunch
     def update_main_process_results(self, trainer: Trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
         trainer.strategy.telemetry = json.loads(extra["pipeline_telemetry"])
+
+
+def _returning_predictions(trainer: Trainer, function: Callable) -> Callable:
+    """Lightning refuses ``return_predictions`` under spawn/fork because a DDP worker holds only its share
+    of the predictions. Here rank 0, the last stage, holds all of them and its results go back to the
+    main process (``_collect_rank_zero_results``), so the worker runs predict as a popen rank would:
+    Lightning's check sees no multiprocessing launcher."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        strategy = trainer.strategy
+        launcher, strategy._launcher = strategy._launcher, None
+        try:
+            return function(*args, **kwargs)
+        finally:
+            strategy._launcher = launcher
+    return run
+
+
+class _ByValue:
+    """Unpickles as the object it wraps, which travels as bytes: tensors put in a multiprocessing queue
+    travel as file descriptors of shared memory, gone once the worker has exited (the main process
+    reads the queue only after joining its workers)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __reduce__(self) -> tuple[Callable, tuple[bytes]]:
+        buffer = io.BytesIO()
+        torch.save(self.obj, buffer)
+        return _load_bytes, (buffer.getvalue(),)
+
+
+def _load_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)

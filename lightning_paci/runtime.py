@@ -10,6 +10,8 @@ windows are the ones the caller reports (``closes_window``, Lightning's optimize
   loss scaled by 1/accumulation), send the input gradient back.
 - ``S``: optimizer step of this stage, LR schedulers, clear gradients.
 
+``B`` and ``S`` call Lightning's backward and optimizer-step hooks as one device does (hooks.py).
+
 Stale weights (PACI.md): the optimizer updates ``nn.Parameter(p.data)`` aliases whose ``.grad`` is
 the real gradient. In-place writes through an alias do not bump the real parameter's version
 counter, so a backward still in flight reads the updated weights instead of raising; no copy of a
@@ -32,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from lightning_paci.clock import clock_for
 from lightning_paci.hollow import StageView
 from lightning_paci.logs import LogCapture, combine_outputs
+from lightning_paci.hooks import StageHooks
 from lightning_paci.memory import PeakMemory
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action
@@ -66,6 +69,21 @@ def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
 _SETTLE_EVERY = 512  # actions between non-blocking settles of clock marks
 
 
+def join_micro_batches(results: list[Any], sizes: list[int]) -> Any:
+    """The inverse of ``split_batch`` for a step's outputs: the micro-batches' results concatenated
+    along dim 0 when every result has the same structure of tensors whose dim 0 is its micro-batch's
+    size (what ``predict_step`` returns for a batch); otherwise the list of results, in order."""
+    if len(results) == 1:
+        return results[0]
+    flat = [tree_flatten(r) for r in results]
+    spec = flat[0][1]
+    joinable = all(leaves and s == spec and all(isinstance(x, Tensor) and x.dim() and len(x) == n for x in leaves)
+                   for (leaves, s), n in zip(flat, sizes))
+    if not joinable:
+        return results
+    return tree_unflatten([torch.cat(column) for column in zip(*(leaves for leaves, _ in flat))], spec)
+
+
 def _loss_of(output: Any) -> Tensor:
     loss = output.get("loss") if isinstance(output, dict) else output
     if not isinstance(loss, Tensor):
@@ -80,12 +98,12 @@ class StageRuntime:
     def __init__(self, module: nn.Module, view: StageView, spec: PlanSpec, link: StageLink,
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
-                 forward_context: Callable[[], Any] = nullcontext, clip_value: float | None = None,
+                 forward_context: Callable[[], Any] = nullcontext, hooks: StageHooks | None = None,
                  record_timeline: bool = False) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
-        self.device, self.forward_context, self.clip_value = device, forward_context, clip_value
+        self.device, self.forward_context, self.hooks = device, forward_context, hooks
         self.handlers = {"F": self._forward, "B": self._backward, "S": self._step}
         self.batches_since_drain = 0
         self._closing: set[int] = set()  # batches since the last drain that end an accumulation window
@@ -126,7 +144,13 @@ class StageRuntime:
         start = self._last_end if self._last_end is not None else self.clock.mark()
         self._micro = split_batch(batch, m, exact=True)
         self._first, self._batch_idx, self._losses, self._output = k * m, batch_idx, [], None
-        self._run(self.spec.batch(self.stage, k, self._closing), f"batch {k} since the last drain")
+        if self.hooks is not None:
+            self.hooks.direct = self.last  # the logger's process, inside a batch: hooks log as usual
+        try:
+            self._run(self.spec.batch(self.stage, k, self._closing), f"batch {k} since the last drain")
+        finally:
+            if self.hooks is not None:
+                self.hooks.direct = False
         self.batches_since_drain += 1
         self._last_end = self.clock.mark()
         # the wall includes the loop's time between batches: idle, not busy
@@ -157,10 +181,20 @@ class StageRuntime:
 
     def eval_batch(self, step_name: str, batch: Any, batch_idx: int, *extra: Any) -> Any:
         """Forward-only pipelining of ``validation_step``/``test_step`` over the micro-batches."""
+        results = self._forward_only(step_name, batch, batch_idx, extra)
+        return combine_outputs(step_name, [r for r, _ in results], [n for _, n in results]) if self.last else None
+
+    def predict_batch(self, batch: Any, batch_idx: int, *extra: Any) -> Any:
+        """``predict_step`` pipelined as evaluation: the batch's predictions on the last stage, else None."""
+        results = self._forward_only("predict_step", batch, batch_idx, extra)
+        return join_micro_batches([r for r, _ in results], [n for _, n in results]) if self.last else None
+
+    def _forward_only(self, step_name: str, batch: Any, batch_idx: int, extra: tuple) -> list[tuple[Any, int]]:
+        """Each micro-batch's result (None before the last stage) with its size."""
         self.drain()
         micro = split_batch(batch, self.spec.micro_batches, exact=False)
         step = getattr(self.module, step_name)
-        results, sizes = [], []
+        results = []
         with torch.no_grad():
             for part in micro:
                 received = self.link.recv_activations() if self.stage > 0 else []
@@ -169,12 +203,11 @@ class StageRuntime:
                     result, out = self.view.run(lambda: step(part, batch_idx, *extra), received)
                 if out is not None:
                     self.link.send_activations(out)
-                results.append(result)
-                sizes.append(self._log.weight)
+                results.append((result, self._log.weight))
         self._log.weight = 1
         self._log.flush()
         self.link.take_waits()  # evaluation is not training time: its waits stay out of telemetry
-        return combine_outputs(step_name, results, sizes) if self.last else None
+        return results
 
     # -- the table of handlers -------------------------------------------------------------------------
     def _run(self, actions: tuple[Action, ...], where: str) -> None:
@@ -260,24 +293,33 @@ class StageRuntime:
 
     def _backward(self, j: int) -> None:
         inputs, outputs, version = self._in_flight.pop(j)
+        hooks = self.hooks
         if self.last:
-            loss = outputs[0].detach() * self.spec.accumulation
-            outputs[0].backward()
+            scaled = outputs[0]
+            loss = scaled.detach() * self.spec.accumulation
+            if hooks is not None:
+                scaled = hooks.before_backward(scaled, self.version)
+            scaled.backward()
         else:
             grads, loss = self.link.recv_grads(outputs)
+            scaled = loss.squeeze(0) / self.spec.accumulation
+            if hooks is not None:
+                hooks.before_backward(scaled, self.version)
             pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             self._losses.append(loss.squeeze(0))
         if self.stage > 0:
             self.link.send_grads([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs], loss)
+        if hooks is not None:  # after the send: the previous stage need not wait for the hook
+            hooks.after_backward(scaled, self.version)
         self.drift[self.version - version] += 1
 
     def _step(self, _: None) -> None:
         for param, alias in self.aliases:
             alias.grad = param.grad
-        if self.clip_value is not None:
-            torch.nn.utils.clip_grad_value_([a for _, a in self.aliases if a.grad is not None], self.clip_value)
+        if self.hooks is not None:  # the hooks see the real parameters' grads, clipping acts on the aliases'
+            self.hooks.before_step(self.optimizer, self.version)
         self.optimizer.step()
         self.version += 1
         for config in self.schedulers:

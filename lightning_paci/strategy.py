@@ -40,6 +40,7 @@ from typing_extensions import override
 from lightning_paci import checkpoint
 from lightning_paci.hollow import StageView
 from lightning_paci.materialize import materialize
+from lightning_paci.hooks import StageHooks, send_to_rank_zero
 from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
@@ -47,6 +48,7 @@ from lightning_paci.launch import (
     check_callbacks,
     drain_before_validation,
     drop_per_batch_sigterm_broadcast,
+    drop_prediction_writers,
 )
 from lightning_paci.p2p import StageLink, boundary_groups
 from lightning_paci.partition import PARTITIONS, Partition, partition_model
@@ -220,16 +222,16 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError("PACIStrategy runs forward, backward and each stage's optimizer step itself; "
                              "it needs automatic_optimization=True (remove `self.automatic_optimization = "
                              "False` and the manual_backward/optimizer.step calls from training_step)")
-        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value":
+        if (trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value"
+                and not is_overridden("configure_gradient_clipping", module)):
             raise ValueError("gradient_clip_val with clipping by norm needs the global gradient norm, a "
                              "sync across stages PACI avoids (PACI.md limits); use "
-                             "gradient_clip_algorithm='value' or drop gradient_clip_val")
+                             "gradient_clip_algorithm='value', drop gradient_clip_val, or override "
+                             "configure_gradient_clipping (it then sees one stage's gradients)")
         if getattr(trainer, "_val_check_time_interval", None) is not None:
             raise ValueError("val_check_interval given as a time lets each stage process decide by its own clock "
                              "when to validate (a drain point), so the stages would disagree: give it as a "
                              "number of batches (int) or a fraction of the epoch (float)")
-
-
         check_callbacks(trainer)
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
@@ -300,6 +302,8 @@ class PACIStrategy(ParallelStrategy):
             trainer.callbacks.insert(0, PipelineSync(self))
         drop_per_batch_sigterm_broadcast(trainer)
         drain_before_validation(trainer, self.drain)
+        if trainer.state.fn == TrainerFn.PREDICTING and self.stage != self.n_stages - 1:
+            drop_prediction_writers(trainer)
 
     @override
     def model_to_device(self) -> None:
@@ -347,7 +351,7 @@ class PACIStrategy(ParallelStrategy):
             optimizer=self.optimizers[0] if fitting else None,
             aliases=self._aliases, schedulers=self._schedulers,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
-            clip_value=trainer.gradient_clip_val if trainer.gradient_clip_val else None,
+            hooks=StageHooks(self.lightning_module, self.precision_plugin, self.stage, trainer.log_every_n_steps),
             record_timeline=self._record_timeline)
 
     @override
@@ -376,6 +380,12 @@ class PACIStrategy(ParallelStrategy):
             return self.runtime.eval_batch("test_step", *args, **kwargs)
 
     @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.runtime is not None
+        with self.precision_plugin.predict_step_context():
+            return self.runtime.predict_batch(*args, **kwargs)
+
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         return closure_loss  # the runtime already ran every backward of the batch
 
@@ -400,13 +410,23 @@ class PACIStrategy(ParallelStrategy):
         self.drain()
 
     @override
+    def on_predict_start(self) -> None:
+        self.drain()
+
+    @override
     def on_train_end(self) -> None:
         self.drain()
+        self.send_hook_logs()
         self.publish_telemetry()
 
     def drain(self) -> None:
         if self.runtime is not None:
             self.runtime.drain()
+
+    def send_hook_logs(self) -> None:
+        """Values logged in backward/step hooks off rank 0 reach its loggers (hooks.py; a collective)."""
+        if self.runtime is not None:
+            send_to_rank_zero(self.runtime.hooks, self.stage, self.n_stages - 1, self.lightning_module.trainer.loggers)
 
     def publish_telemetry(self) -> None:
         """Gather every stage's telemetry on rank 0 (a drain point: no bubble to cost) and log it."""
