@@ -17,10 +17,10 @@ parameter is ever made.
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -37,9 +37,16 @@ from lightning_paci.timeline import TimelineEvent
 
 
 def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
-    """Split every tensor (and list) of the batch along dim 0 into ``parts`` micro-batches."""
-    flat, spec = tree_flatten(batch)
-    sizes = {len(x) for x in flat if isinstance(x, (Tensor, list)) and (not isinstance(x, Tensor) or x.dim())}
+    """Split a batch into ``parts`` micro-batches along the batch dimension, following its structure.
+
+    Tensors split along dim 0; a list or tuple that holds no tensor and has one entry per sample
+    (strings, ids: what the default collate makes of non-tensor fields) splits with the same
+    boundaries; mappings, tuples and lists that hold tensors are structure and keep their shape;
+    scalars (and 0-d tensors) go to every micro-batch. A tensor-free list of plain values and of
+    another length is refused: it cannot be told apart from per-sample data cut short.
+    """
+    sizes: set[int] = set()
+    _batch_sizes(batch, sizes, tensors=_holds_tensor(batch))
     if len(sizes) != 1:
         raise ValueError(f"cannot split the batch into micro-batches: its tensors have first dimensions "
                          f"{sorted(sizes)}; every tensor of a batch needs the same batch dimension 0")
@@ -48,16 +55,61 @@ def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
         raise ValueError(f"batch size {size} is not divisible by micro_batches={parts}: make the "
                          "DataLoader's batch_size a multiple of micro_batches (and use drop_last=True)")
     parts = min(parts, size)
-    columns = []
-    for x in flat:
-        if isinstance(x, Tensor) and x.dim():
-            columns.append(torch.tensor_split(x, parts))
-        elif isinstance(x, list) and len(x) == size:
-            step = math.ceil(size / parts)
-            columns.append([x[k: k + step] for k in range(0, size, step)])
+    bounds = [k * (size // parts) + min(k, size % parts) for k in range(parts + 1)]  # torch.tensor_split's
+    return [_take(batch, bounds[k], bounds[k + 1], size, "batch") for k in range(parts)]
+
+
+def _holds_tensor(node: Any) -> bool:
+    if isinstance(node, Tensor):
+        return True
+    if isinstance(node, Mapping):
+        return any(_holds_tensor(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_holds_tensor(v) for v in node)
+    return False
+
+
+def _batch_sizes(node: Any, sizes: set[int], tensors: bool) -> None:
+    """First dimensions of the tensors (``tensors``) or, in a batch without any, of the innermost lists."""
+    if isinstance(node, Tensor):
+        if node.dim():
+            sizes.add(len(node))
+    elif isinstance(node, Mapping):
+        for value in node.values():
+            _batch_sizes(value, sizes, tensors)
+    elif isinstance(node, (list, tuple)):
+        nested = [v for v in node if isinstance(v, (Mapping, list, tuple, Tensor))]
+        if not tensors and node and not nested:
+            sizes.add(len(node))
+        for value in nested:
+            _batch_sizes(value, sizes, tensors)
+
+
+def _take(node: Any, start: int, stop: int, size: int, where: str) -> Any:
+    """Samples ``start:stop`` of ``node`` (``where`` names it in errors, e.g. ``batch['text']``)."""
+    if isinstance(node, Tensor):
+        return node[start:stop] if node.dim() else node
+    if isinstance(node, Mapping):
+        part = copy.copy(node)  # keeps the mapping's type (OrderedDict, HF's BatchEncoding, ...)
+        for key, value in node.items():
+            part[key] = _take(value, start, stop, size, f"{where}[{key!r}]")
+        return part
+    if isinstance(node, (list, tuple)):
+        if _holds_tensor(node):
+            items = [_take(v, start, stop, size, f"{where}[{i}]") for i, v in enumerate(node)]
+        elif len(node) == size:
+            items = list(node[start:stop])
+        elif any(isinstance(v, (Mapping, list, tuple)) for v in node):
+            items = [_take(v, start, stop, size, f"{where}[{i}]") for i, v in enumerate(node)]
         else:
-            columns.append([x] * parts)
-    return [tree_unflatten([c[k] for c in columns], spec) for k in range(parts)]
+            raise ValueError(f"cannot split the batch into micro-batches: {where} is a {type(node).__name__} "
+                             f"of {len(node)} entries without tensors, but the batch has {size} samples; a "
+                             "list in a batch must hold one entry per sample (or tensors), else pass it "
+                             "another way (a module attribute, a tensor)")
+        if isinstance(node, tuple) and hasattr(node, "_fields"):  # namedtuple
+            return type(node)(*items)
+        return type(node)(items)
+    return node
 
 
 class _LogCapture:
