@@ -8,8 +8,10 @@ under NCCL's one stream per group and rank pair alike (comm.py models both and p
 order of posts deadlock-free; on one shared group NCCL would deadlock at the first backward).
 
 An activation message is a fixed-size int64 header (count, then dtype code, rank and sizes of each
-tensor) followed by the tensors; the receiver checks what arrives against what it expects to
-substitute. Gradient messages need no header: their shapes are the sender's own outputs.
+tensor) followed by the tensors and the micro-batch's fingerprint (inputs.py: a fixed-size float64
+tensor the header does not describe, so it never changes the sticky shapes); the receiver checks
+what arrives against what it expects to substitute. Gradient messages need no header: their shapes
+are the sender's own outputs.
 
 Sticky shapes: gloo moves a message only once both ends have posted it, and on busy cores each
 such rendezvous costs milliseconds (the other side's I/O thread has to be scheduled). So the
@@ -45,6 +47,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lightning_paci.inputs import FINGERPRINT_LEN
 
 FAILURE_KEY = "lightning_paci/failure"
 _HEADER_LEN = 64
@@ -120,11 +124,11 @@ class StageLink:
         self._sent_header: list[int] | None = None  # the last activation header each way (sticky shapes)
         self._received_header: list[int] | None = None
         # Receives posted before the action that needs them (expect_activations / expect_grads).
-        self._early_activations: tuple[Tensor, list[Tensor], list[dist.Work]] | None = None
+        self._early_activations: tuple[Tensor, list[Tensor], list[dist.Work]] | None = None  # guess + fingerprint
         self._early_grads: deque[tuple[list[Tensor], list[dist.Work]]] = deque()
 
     # -- activations -------------------------------------------------------------------------
-    def send_activations(self, tensors: list[Tensor]) -> None:
+    def send_activations(self, tensors: list[Tensor], fingerprint: Tensor) -> None:
         fields = [len(tensors)]
         for t in tensors:
             fields += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
@@ -135,10 +139,11 @@ class StageLink:
         fields += [0] * (_HEADER_LEN - len(fields))
         header = torch.tensor(fields, dtype=torch.int64, device=self.device)
         if self._sent_header is not None and fields != self._sent_header:
-            self._send([header] + self._empty(self._sent_header), self.next_rank,
+            self._send([header] + self._empty(self._sent_header, fingerprint=True), self.next_rank,
                        self._next_groups[0])  # fills the receiver's guess
         self._sent_header = fields
-        self._send([header] + [t.detach().contiguous() for t in tensors], self.next_rank, self._next_groups[0])
+        self._send([header] + [t.detach().contiguous() for t in tensors] + [fingerprint], self.next_rank,
+                   self._next_groups[0])
 
     def expect_activations(self) -> None:
         """Post the next activation message's receive now, shaped like the last one, so that gloo
@@ -146,30 +151,34 @@ class StageLink:
         drain (the runtime posts one while another forward of the same batch follows)."""
         if self._early_activations is None:
             header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            guess = self._empty(self._received_header) if self._received_header is not None else []
+            known = self._received_header
+            guess = self._empty(known, fingerprint=True) if known is not None else []
             self._early_activations = (header, guess, self._post([header] + guess, self.prev_rank,
                                                                  self._prev_groups[0]))
 
-    def recv_activations(self) -> list[Tensor]:
+    def recv_activations(self) -> tuple[list[Tensor], Tensor]:
+        """The activations of the next micro-batch and its fingerprint."""
         self.expect_activations()
         (header, guess, works), self._early_activations = self._early_activations, None
         self._wait_all(works, self.prev_rank)
         fields = header.tolist()
         if fields == self._received_header:
-            return guess
+            return guess[:-1], guess[-1]
         # The link's first message, or new shapes (then `guess` got placeholders and the message follows).
         again = [header] if self._received_header is not None else []
-        self._received_header, buffers = fields, self._empty(fields)
+        self._received_header, buffers = fields, self._empty(fields, fingerprint=True)
         self._recv(again + buffers, self.prev_rank, self._prev_groups[0])
-        return buffers
+        return buffers[:-1], buffers[-1]
 
-    def _empty(self, fields: list[int]) -> list[Tensor]:
-        """Uninitialised tensors of the dtypes and shapes a header describes."""
+    def _empty(self, fields: list[int], fingerprint: bool = False) -> list[Tensor]:
+        """Uninitialised tensors of the dtypes and shapes a header describes (then a fingerprint's)."""
         count, pos, out = fields[0], 1, []
         for _ in range(count):
             dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
             out.append(torch.empty(fields[pos + 2: pos + 2 + ndim], dtype=dtype, device=self.device))
             pos += 2 + ndim
+        if fingerprint:
+            out.append(torch.empty(FINGERPRINT_LEN, dtype=torch.float64, device=self.device))
         return out
 
     # -- gradients (+ the micro-batch loss) ---------------------------------------------------

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_paci.hollow import StageView
+from lightning_paci.inputs import SharedRandomness, check_fingerprint, fingerprint
 from lightning_paci.memory import PeakMemory
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action
@@ -159,12 +160,15 @@ class StageRuntime:
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
                  forward_context: Callable[[], Any] = nullcontext, clip_value: float | None = None,
-                 record_timeline: bool = False) -> None:
+                 record_timeline: bool = False, seed: int = 0) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
         self.device, self.forward_context, self.clip_value = device, forward_context, clip_value
         self.handlers = {"F": self._forward, "B": self._backward, "S": self._step}
+        entry = module.get_submodule(view.entry) if view.entry is not None else None
+        self.randomness = SharedRandomness(seed, self.stage, device, entry)
+        self._forwards = self._eval_forwards = 0  # micro-batches run, counted alike on every stage
         self.batches_since_drain = 0
         self.version = 0  # optimizer steps taken by this stage
         self._in_flight: dict[int, tuple[list[Tensor], list[Tensor], int]] = {}
@@ -221,13 +225,14 @@ class StageRuntime:
         step = getattr(self.module, step_name)
         result = None
         with torch.no_grad():
-            for part in micro:
-                received = self.link.recv_activations() if self.stage > 0 else []
+            for index, part in enumerate(micro):
+                received, mine = self._receive(part, batch_idx, index, step_name[:-len("_step")])
                 self._log.weight = len(tree_flatten(part)[0][0]) if tree_flatten(part)[0] else 1
-                with self._log, self.forward_context():
+                with self._log, self.forward_context(), self.randomness.forward(1, self._eval_forwards):
                     result, out = self.view.run(lambda: step(part, batch_idx, *extra), received)
+                self._eval_forwards += 1
                 if out is not None:
-                    self.link.send_activations(out)
+                    self.link.send_activations(out, mine)
         self._log.weight = 1
         self._log.flush()
         self.link.wait_s = waited
@@ -273,19 +278,30 @@ class StageRuntime:
         if end < t1:
             self.timeline.append(TimelineEvent(self.stage, f"send {label}", end - o, t1 - o))
 
+    def _receive(self, part: Any, batch_idx: int, index: int, what: str) -> tuple[list[Tensor], Tensor]:
+        """The activations for micro-batch ``part`` (none on stage 0) and its fingerprint, checked
+        against the previous stage's copy of the micro-batch (inputs.py)."""
+        mine = fingerprint(part, self.device)
+        if self.stage == 0:
+            return [], mine
+        received, theirs = self.link.recv_activations()
+        check_fingerprint(mine, theirs, self.stage, batch_idx, index, what)
+        return received, mine
+
     def _forward(self, j: int) -> None:
         part = self._micro[j - self._first]
-        received = self.link.recv_activations() if self.stage > 0 else []
+        received, mine = self._receive(part, self._batch_idx, j - self._first, "training")
         if self.stage > 0 and j + 1 < self._first + len(self._micro):
             self.link.expect_activations()  # the batch's next forward follows: gloo receives it meanwhile
         for t in received:
             if t.is_floating_point():
                 t.requires_grad_(True)
         step = self.module.training_step
-        with self._log, self.forward_context():
+        with self._log, self.forward_context(), self.randomness.forward(0, self._forwards):
             result, out = self.view.run(lambda: step(part, self._batch_idx), received)
+        self._forwards += 1
         if out is not None:
-            self.link.send_activations(out)
+            self.link.send_activations(out, mine)
             outputs = [t for t in out if t.is_floating_point()]
             self.link.expect_grads(outputs)
         else:

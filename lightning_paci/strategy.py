@@ -315,7 +315,8 @@ class PACIStrategy(ParallelStrategy):
             aliases=self._aliases, schedulers=self._schedulers,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
             clip_value=trainer.gradient_clip_val if trainer.gradient_clip_val else None,
-            record_timeline=self._record_timeline)
+            record_timeline=self._record_timeline,
+            seed=self.broadcast(torch.initial_seed() % 2**63))  # one seed for the stages' shared randomness
 
     # -- the training loop -------------------------------------------------------------------------------
     @override

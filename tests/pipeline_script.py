@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_paci import PACIStrategy  # noqa: E402
-from tests.models import LitTiny, TwoOptimizers, loader  # noqa: E402
+from tests.models import LitTiny, RandomMasking, TwoOptimizers, loader  # noqa: E402
 
 
 class _CollectiveCounter(L.Callback):
@@ -92,6 +92,10 @@ def main() -> None:
     parser.add_argument("--validate", action="store_true", help="trainer.validate() after fit")
     parser.add_argument("--shuffle", action="store_true", help="shuffle=True in the training DataLoader")
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--masking", action="store_true",
+                        help="RandomMasking model; each rank writes the random numbers it drew per micro-batch")
+    parser.add_argument("--unseeded-shuffle", action="store_true",
+                        help="shuffle=True, use_distributed_sampler=False, no seed: stages read different batches")
     parser.add_argument("--record-batches", action="store_true", help="write each rank's batch sums")
     parser.add_argument("--count-collectives", action="store_true",
                         help="count torch.distributed collectives issued inside training batches")
@@ -110,8 +114,9 @@ def main() -> None:
         import lightning_paci.strategy
 
         lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None: None
-    L.seed_everything(0, verbose=False)
-    module_class = TwoOptimizers if args.two_optimizers else LitTiny
+    if not args.unseeded_shuffle:
+        L.seed_everything(0, verbose=False)
+    module_class = TwoOptimizers if args.two_optimizers else RandomMasking if args.masking else LitTiny
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
                     sched=args.sched, dropout=args.dropout)
     if args.fail_unit:
@@ -138,13 +143,13 @@ def main() -> None:
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False, max_epochs=-1,
         # As with DDP, Lightning's sampler shuffles training data; the references read it in order.
-        use_distributed_sampler=args.shuffle,
+        use_distributed_sampler=args.shuffle and not args.unseeded_shuffle,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0)
     n_batches = args.epoch_batches or args.steps * args.accumulate
     train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format,
-                   shuffle=args.shuffle)
+                   shuffle=args.shuffle or args.unseeded_shuffle)
     val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
     trainer.fit(model, train, val if args.val_every else None, ckpt_path=args.resume)
     strategy = trainer.strategy
@@ -154,6 +159,8 @@ def main() -> None:
             (out / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(callback.calls))
         if isinstance(callback, _BatchRecorder):
             (out / f"batches_rank{trainer.global_rank}.json").write_text(json.dumps(callback.sums))
+    if args.masking:
+        (out / f"draws_rank{trainer.global_rank}.json").write_text(json.dumps(model.draws))
     if args.start_method != "popen":  # the main process holds the whole trained model
         torch.save(model.state_dict(), out / "model.pt")
         stage = "all"

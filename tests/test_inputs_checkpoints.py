@@ -3,18 +3,26 @@ a user can rely on (atomic overwrite, consolidation into one ordinary Lightning 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from collections import OrderedDict, namedtuple
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_paci.runtime import split_batch
 
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "pipeline_script.py"
+
 
 def test_split_batch_splits_per_sample_lists_with_the_tensors():
     """A collated batch of (tokens, texts, ids): every micro-batch gets its own samples' strings."""
-    batch = (torch.arange(10), [f"text{i}" for i in range(10)], {"id": list(range(10)), "lang": "en",
-                                                                  "mask": torch.ones(10, 2), "t": torch.tensor(1.0)})
+    extra = {"id": list(range(10)), "lang": "en", "mask": torch.ones(10, 2), "t": torch.tensor(1.0)}
+    batch = (torch.arange(10), [f"text{i}" for i in range(10)], extra)
     parts = split_batch(batch, 4, exact=False)
     assert [p[0].tolist() for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
     for x, texts, extra in parts:
@@ -29,5 +37,35 @@ def test_split_batch_splits_per_sample_lists_with_the_tensors():
 
 
 def test_split_batch_refuses_a_list_it_cannot_split():
-    with pytest.raises(ValueError, match=r"batch\[1\] is a list of 3 entries without tensors, but the batch has 4"):
+    with pytest.raises(ValueError,
+                       match=r"batch\[1\] is a list of 3 entries without tensors, but the batch has 4"):
         split_batch((torch.zeros(4, 2), ["a", "b", "c"]), 2, exact=True)
+
+
+# -- every stage reads the same samples and draws the same random numbers (multi-process) -----------------
+def _script(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--timeout", "30", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_stages_reading_different_batches_fail_naming_the_cause(tmp_path):
+    """use_distributed_sampler=False, shuffle=True, no seed: each process shuffles its own way."""
+    start = time.monotonic()
+    proc = _script(tmp_path, "--unseeded-shuffle", "--steps", "4")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "stage 1 and stage 0 read different samples for micro-batch 0 of training batch 0" in out
+    assert "use_distributed_sampler=False" in out and "split_dataset_by_node" in out
+    assert time.monotonic() - start < 60, "the job should end on the mismatch, not on a timeout"
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "a stage process was left running"
+
+
+def test_randomness_drawn_in_training_step_is_the_same_on_every_stage(tmp_path):
+    """Stage 0 masks the inputs, the last stage the labels, with the mask each drew; dropout runs on
+    both stages and draws on stage 0 only while stage 1 is still in its meta prefix."""
+    proc = _script(tmp_path, "--masking", "--dropout", "0.1", "--steps", "6", "--schedule", "paci")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    draws = [json.loads((tmp_path / f"draws_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(draws[0]) == 6 * 4 and draws[0] == draws[1]
+    assert len({tuple(d) for d in draws[0]}) == len(draws[0])  # a new draw for every micro-batch
