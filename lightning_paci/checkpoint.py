@@ -9,7 +9,11 @@ A checkpoint is a directory::
 
 Tensor keys do not mention stages, so together they form the ordinary model. Saving writes
 ``<dir>.tmp`` and renames it into place only after every stage has finished, so an interrupted save
-never leaves a directory that looks complete.
+never leaves a directory that looks complete. Overwriting never leaves the path without a complete
+checkpoint that ``recover`` cannot restore: the old copy is renamed aside (``<dir>.aside``), the
+new one renamed into place, and only then is the old one deleted (``_swap_into_place``).
+``recover`` runs before a path is read (and, for ``ckpt_path="last"``, on the checkpoint
+directories before the stage processes start): an aside copy without its replacement goes back.
 """
 
 from __future__ import annotations
@@ -64,15 +68,67 @@ def save(path: Path, stage: int, rank: int, model_state: dict[str, Tensor],
         torch.save(meta, tmp / META_FILE)
     barrier()
     if rank == 0:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        tmp.rename(path)
+        _swap_into_place(tmp, path)
     barrier()
 
 
+def _aside(path: Path) -> Path:
+    return path.with_name(path.name + ".aside")
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path``. A crash at any point leaves a complete checkpoint at ``path`` or at
+    its aside name (``recover`` puts that back), never neither."""
+    aside = _aside(path)
+    if path.exists():
+        _remove(aside)  # left by a crash after a swap completed: stale, since path is complete
+        path.rename(aside)
+    tmp.rename(path)
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def recover(path: Path) -> None:
+    """Undo an overwrite interrupted between its renames: put the aside copy back if ``path`` is
+    missing, drop it if ``path`` is there. Safe to call from several processes at once."""
+    aside = _aside(path)
+    if not aside.exists():
+        return
+    if path.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    try:
+        aside.rename(path)
+    except OSError:  # another process put it back first
+        pass
+
+
+def recover_all(directory: Path) -> None:
+    """``recover`` every checkpoint of a directory that an interrupted overwrite left aside."""
+    if directory.is_dir():
+        for aside in directory.glob("*.aside"):
+            recover(aside.with_name(aside.name[: -len(".aside")]))
+
+
+def recover_checkpoint_dirs(trainer: Any) -> None:
+    """``recover_all`` in every ModelCheckpoint's directory, where ``ckpt_path="last"`` looks: before
+    the stage processes start, since each resolves "last" itself before the strategy reads a file."""
+    for callback in trainer.checkpoint_callbacks:
+        try:  # the directory ModelCheckpoint._find_last_checkpoints lists (private, name-mangled)
+            directory = callback.dirpath or callback._ModelCheckpoint__resolve_ckpt_dir(trainer)
+        except Exception:
+            continue
+        recover_all(Path(directory))
+
+
 def read_meta(path: Path) -> dict[str, Any]:
+    recover(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a lightning_paci checkpoint directory (no {META_FILE}); "
                                 "pipeline checkpoints are directories written by PACIStrategy")

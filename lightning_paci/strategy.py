@@ -188,6 +188,7 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"PACIStrategy(stages={self.stages}) needs one process per stage, but the "
                              f"Trainer has {devices} devices: set devices={self.stages} (data-parallel "
                              "replicas of a pipeline are not supported yet)")
+        checkpoint.recover_checkpoint_dirs(trainer)  # an overwrite cut short by a kill: back before "last"
         module = trainer.lightning_module
         if module is None:
             return

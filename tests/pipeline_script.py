@@ -66,6 +66,21 @@ class _BatchRecorder(L.Callback):
         self.sums.append(int(batch[0].sum()))
 
 
+def _kill_at_swap(n: int) -> None:
+    """The process that renames a finished ``last.ckpt.tmp`` into place dies there, the n-th time."""
+    import signal
+
+    rename, count = Path.rename, [0]
+
+    def renaming(self, target):
+        if self.name == "last.ckpt.tmp" and Path(target).name == "last.ckpt":
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return rename(self, target)
+    Path.rename = renaming
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
@@ -88,6 +103,9 @@ def main() -> None:
     parser.add_argument("--epoch-batches", type=int, default=0, help="batches per epoch (default: all steps)")
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint at every epoch end")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--save-last", action="store_true", help="ModelCheckpoint(save_last=True)")
+    parser.add_argument("--kill-at-swap", type=int, default=0,
+                        help="SIGKILL rank 0 as it renames the N-th saved last.ckpt into place")
     parser.add_argument("--two-optimizers", action="store_true")
     parser.add_argument("--validate", action="store_true", help="trainer.validate() after fit")
     parser.add_argument("--shuffle", action="store_true", help="shuffle=True in the training DataLoader")
@@ -110,6 +128,8 @@ def main() -> None:
         from tests import nccl_order
 
         nccl_order.install(timeout_s=args.timeout)
+    if args.kill_at_swap:
+        _kill_at_swap(args.kill_at_swap)
     if args.shared_group:
         import lightning_paci.strategy
 
@@ -133,7 +153,7 @@ def main() -> None:
     callbacks = []
     if args.ckpt_dir:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(args.ckpt_dir, save_top_k=-1, every_n_epochs=1,
-                                                             filename="{epoch}-{step}"))
+                                                             filename="{epoch}-{step}", save_last=args.save_last))
     if args.count_collectives:
         callbacks.append(_CollectiveCounter())
     if args.record_batches:

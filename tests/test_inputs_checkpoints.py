@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
+from lightning_paci import checkpoint
 from lightning_paci.runtime import split_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +71,70 @@ def test_randomness_drawn_in_training_step_is_the_same_on_every_stage(tmp_path):
     draws = [json.loads((tmp_path / f"draws_rank{r}.json").read_text()) for r in (0, 1)]
     assert len(draws[0]) == 6 * 4 and draws[0] == draws[1]
     assert len({tuple(d) for d in draws[0]}) == len(draws[0])  # a new draw for every micro-batch
+
+
+# -- an overwritten checkpoint is never lost ------------------------------------------------------------
+class _Crash(Exception):
+    pass
+
+
+def _save(path: Path, step: int) -> None:
+    checkpoint.save(path, 0, 0, {"w": torch.full((3,), float(step))}, None, {"schedulers": [], "version": step},
+                    {"global_step": step}, barrier=lambda: None)
+
+
+def _saved_step(path: Path) -> int:
+    step = checkpoint.read_meta(path)["global_step"]
+    state = {"model/w": torch.zeros(3)}
+    dcp.load(state, checkpoint_id=path)
+    assert state["model/w"].tolist() == [float(step)] * 3, "a directory that is not the checkpoint it claims"
+    return step
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("crash_at", range(1, 6))
+def test_overwrite_killed_at_any_point_keeps_a_complete_checkpoint(tmp_path, monkeypatch, crash_at):
+    """The overwrite's file operations (remove a stale aside copy, old -> aside, new -> place, remove
+    the aside copy) each interrupted; 5 = interrupted half-way through deleting the aside copy."""
+    path = tmp_path / "last.ckpt"
+    _save(path, 1)
+    ops, rename, remove, swap = [0], Path.rename, checkpoint._remove, checkpoint._swap_into_place
+
+    def step(partial: Path | None = None) -> None:
+        ops[0] += 1
+        if ops[0] == min(crash_at, 4):
+            if crash_at == 5 and partial is not None and partial.is_dir():
+                next(p for p in partial.iterdir() if p.is_file()).unlink()  # rmtree got this far
+            raise _Crash
+
+    def crashing_swap(tmp: Path, target: Path) -> None:
+        with monkeypatch.context() as m:
+            m.setattr(Path, "rename", lambda self, to: (step(), rename(self, to))[1])
+            m.setattr(checkpoint, "_remove", lambda p: (step(p), remove(p)))
+            swap(tmp, target)
+
+    monkeypatch.setattr(checkpoint, "_swap_into_place", crashing_swap)
+    with pytest.raises(_Crash):
+        _save(path, 2)
+    monkeypatch.setattr(checkpoint, "_swap_into_place", swap)
+    checkpoint.recover_all(tmp_path)  # what the next run does before it looks for "last"
+    assert _saved_step(path) == (1 if crash_at <= 3 else 2)
+    assert not list(tmp_path.glob("*.aside"))
+    _save(path, 3)  # and the next save works from there
+    assert _saved_step(path) == 3 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_real_kill_between_renames_then_resume_from_last(tmp_path):
+    """Rank 0 SIGKILLed as it renames the second last.ckpt into place; ckpt_path="last" then resumes
+    from the first (step 2), not from scratch."""
+    first, second, ckpt = tmp_path / "first", tmp_path / "second", tmp_path / "ckpt"
+    first.mkdir(), second.mkdir()
+    common = ["--schedule", "paci", "--steps", "6", "--epoch-batches", "2", "--ckpt-dir", str(ckpt), "--save-last"]
+    killed = _script(first, *common, "--kill-at-swap", "2", "--start-method", "fork")
+    assert killed.returncode != 0
+    assert not (ckpt / "last.ckpt").exists() and (ckpt / "last.ckpt.aside" / "meta.pt").is_file()
+    resumed = _script(second, *common, "--resume", "last", "--record-batches")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads((second / "result.json").read_text())["global_step"] == 6
+    assert len(json.loads((second / "batches_rank0.json").read_text())) == 4  # steps 3..6 only
+    assert (ckpt / "last.ckpt" / "meta.pt").is_file() and not (ckpt / "last.ckpt.aside").exists()
