@@ -19,12 +19,14 @@ directories before the stage processes start): an aside copy without its replace
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 META_FILE = "meta.pt"
 
@@ -127,20 +129,68 @@ def recover_checkpoint_dirs(trainer: Any) -> None:
         recover_all(Path(directory))
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path, weights_only: bool | None = None) -> dict[str, Any]:
+    """Lightning's checkpoint dict without tensors; ``weights_only`` as Lightning passes it (None:
+    torch's default, True since torch 2.6), for this file and the stages' ``stage<i>.pt``."""
     recover(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a lightning_paci checkpoint directory (no {META_FILE}); "
                                 "pipeline checkpoints are directories written by PACIStrategy")
-    return torch.load(path / META_FILE, weights_only=False)
+    return torch.load(path / META_FILE, weights_only=weights_only)
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """Write the pipeline checkpoint directory ``path`` as one ordinary Lightning checkpoint file ``out``.
+
+    ``out`` holds the whole model's ``state_dict`` under the user's names, the hyperparameters and
+    Lightning's progress (epoch, global_step), so ``MyModule.load_from_checkpoint(out)`` gives the
+    trained model on one device; it loads with ``weights_only=True``. The stages' optimizer and LR
+    scheduler states are left out (their layout is per stage): resume training from the directory.
+    Built on torch.distributed.checkpoint's own converter (``dcp_to_torch_save``); needs memory for
+    the whole model and its optimizer state; runs in one process, no process group.
+    """
+    path, out = Path(path), Path(out)
+    meta = read_meta(path, weights_only=True)
+    meta.pop("pipeline", None)
+    with tempfile.TemporaryDirectory() as scratch:
+        flat = Path(scratch) / "flat.pt"
+        dcp_to_torch_save(path, flat)
+        tensors = torch.load(flat, weights_only=True)
+    meta["state_dict"] = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    for key in ("optimizer_states", "lr_schedulers"):
+        meta.pop(key, None)
+    torch.save(meta, out)
+    return out
+
+
+def explain_directory_loads() -> None:
+    """Make ``MyModule.load_from_checkpoint(<pipeline checkpoint directory>)`` say what to do instead
+    of a bare IsADirectoryError (wraps the loader Lightning's ``_load_from_checkpoint`` calls)."""
+    from lightning.pytorch.core import saving
+
+    load = saving.pl_load
+    if getattr(load, "explains_pipeline_checkpoints", False):
+        return
+
+    def pl_load(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path_or_url, (str, Path)) and (Path(path_or_url) / META_FILE).is_file():
+            raise IsADirectoryError(
+                f"{path_or_url} is a lightning_paci pipeline checkpoint, a directory with each stage's "
+                "tensors: write it as one ordinary Lightning checkpoint with "
+                f"lightning_paci.consolidate({str(path_or_url)!r}, 'model.ckpt'), then load that file "
+                "(resuming a pipeline run takes the directory as it is: trainer.fit(ckpt_path=...))")
+        return load(path_or_url, *args, **kwargs)
+
+    pl_load.explains_pipeline_checkpoints = True  # type: ignore[attr-defined]
+    saving.pl_load = pl_load
 
 
 def load(path: Path, stage: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,
-         names: dict[int, str]) -> dict[str, Any]:
+         names: dict[int, str], weights_only: bool | None = None) -> dict[str, Any]:
     """Load this stage's tensors in place (and its optimizer); returns its ``stage<i>.pt`` dict."""
     own = {k: v for k, v in module.state_dict().items() if not v.is_meta}
     tensors: dict[str, Any] = {f"model/{k}": v for k, v in own.items()}
-    stage_state = torch.load(path / f"stage{stage}.pt", weights_only=False)
+    stage_state = torch.load(path / f"stage{stage}.pt", weights_only=weights_only)
     if optimizer is not None and stage_state["param_groups"] is not None:
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         mine = set(names.values())

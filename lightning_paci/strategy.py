@@ -450,14 +450,15 @@ class PACIStrategy(ParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        meta = checkpoint.read_meta(path)
+        meta = checkpoint.read_meta(path, weights_only)
         saved, layout = meta.pop("pipeline"), self._layout()
         if saved["n_stages"] != layout["n_stages"] or saved["units"] != layout["units"]:
             raise ValueError(f"{path} was saved by {saved['n_stages']} stages split as {saved['units']}; "
                              f"this run has {layout['n_stages']} stages split as {layout['units']}. Resume "
                              "with the same stages/split_points (resharding comes in a later release)")
         optimizer = self.optimizers[0] if self.optimizers else None
-        stage_state = checkpoint.load(path, self.stage, self.lightning_module, optimizer, self._names())
+        stage_state = checkpoint.load(path, self.stage, self.lightning_module, optimizer, self._names(),
+                                      weights_only)
         for config, state in zip(self._schedulers, stage_state["schedulers"]):
             config.scheduler.load_state_dict(state)
         if self.runtime is not None:
@@ -537,3 +538,4 @@ def _flat_telemetry(telemetry: list[dict[str, Any]]) -> dict[str, float]:
 
 # ``import lightning_paci`` brings this module in (see _registration.py): Trainer(strategy="paci") works.
 PACIStrategy.register_strategies(StrategyRegistry)
+checkpoint.explain_directory_loads()

@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint at every epoch end")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--save-last", action="store_true", help="ModelCheckpoint(save_last=True)")
+    parser.add_argument("--save-hparams", action="store_true", help="checkpoints hold the model's init arguments")
     parser.add_argument("--kill-at-swap", type=int, default=0,
                         help="SIGKILL rank 0 as it renames the N-th saved last.ckpt into place")
     parser.add_argument("--two-optimizers", action="store_true")
@@ -139,6 +140,10 @@ def main() -> None:
     module_class = TwoOptimizers if args.two_optimizers else RandomMasking if args.masking else LitTiny
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
                     sched=args.sched, dropout=args.dropout)
+    if args.save_hparams:
+        model.save_hyperparameters({"n_layers": args.layers, "dtype": getattr(torch, args.dtype),
+                                    "batch_format": args.batch_format, "sched": args.sched,
+                                    "dropout": args.dropout})
     if args.fail_unit:
         def fail(module, inputs):
             if not inputs[0].is_meta and model.trainer.global_step == args.fail_step:

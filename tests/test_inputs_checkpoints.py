@@ -138,3 +138,28 @@ def test_real_kill_between_renames_then_resume_from_last(tmp_path):
     assert json.loads((second / "result.json").read_text())["global_step"] == 6
     assert len(json.loads((second / "batches_rank0.json").read_text())) == 4  # steps 3..6 only
     assert (ckpt / "last.ckpt" / "meta.pt").is_file() and not (ckpt / "last.ckpt.aside").exists()
+
+
+# -- one ordinary Lightning checkpoint of the whole model ------------------------------------------------
+def test_consolidated_checkpoint_loads_with_load_from_checkpoint_and_gives_the_trained_outputs(tmp_path):
+    import lightning_paci
+    from tests.models import LitTiny, loader
+
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _script(run, "--steps", "4", "--epoch-batches", "2", "--ckpt-dir", str(tmp_path / "ckpt"),
+                   "--save-hparams", "--sched")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    directory = tmp_path / "ckpt" / "epoch=1-step=4.ckpt"
+    with pytest.raises(IsADirectoryError, match=r"lightning_paci.consolidate\("):
+        LitTiny.load_from_checkpoint(directory)  # what users try first
+    out = lightning_paci.consolidate(directory, tmp_path / "model.ckpt")
+    plain = torch.load(out, weights_only=True)  # nothing but tensors and primitive types
+    assert plain["global_step"] == 4 and "optimizer_states" not in plain and "pipeline" not in plain
+    loaded = LitTiny.load_from_checkpoint(out)  # Lightning's default weights_only, hyperparameters from out
+    trained = LitTiny(dtype=torch.float64)  # the processes' own parameters at the end of fit (step 4)
+    trained.load_state_dict({k: v for f in run.glob("stage*.pt") for k, v in torch.load(f).items()})
+    assert loaded.model.lm_head.weight.dtype == torch.float64
+    x, _ = next(iter(loader(8)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), trained.model(x), rtol=0, atol=0)
