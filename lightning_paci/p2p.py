@@ -139,7 +139,7 @@ class StageLink:
         fields += [0] * (_HEADER_LEN - len(fields))
         header = torch.tensor(fields, dtype=torch.int64, device=self.device)
         if self._sent_header is not None and fields != self._sent_header:
-            self._send([header] + self._empty(self._sent_header, fingerprint=True), self.next_rank,
+            self._send([header] + self._empty(self._sent_header), self.next_rank,
                        self._next_groups[0])  # fills the receiver's guess
         self._sent_header = fields
         self._send([header] + [t.detach().contiguous() for t in tensors] + [fingerprint], self.next_rank,
@@ -151,8 +151,7 @@ class StageLink:
         drain (the runtime posts one while another forward of the same batch follows)."""
         if self._early_activations is None:
             header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            known = self._received_header
-            guess = self._empty(known, fingerprint=True) if known is not None else []
+            guess = self._empty(self._received_header) if self._received_header is not None else []
             self._early_activations = (header, guess, self._post([header] + guess, self.prev_rank,
                                                                  self._prev_groups[0]))
 
@@ -166,19 +165,18 @@ class StageLink:
             return guess[:-1], guess[-1]
         # The link's first message, or new shapes (then `guess` got placeholders and the message follows).
         again = [header] if self._received_header is not None else []
-        self._received_header, buffers = fields, self._empty(fields, fingerprint=True)
+        self._received_header, buffers = fields, self._empty(fields)
         self._recv(again + buffers, self.prev_rank, self._prev_groups[0])
         return buffers[:-1], buffers[-1]
 
-    def _empty(self, fields: list[int], fingerprint: bool = False) -> list[Tensor]:
-        """Uninitialised tensors of the dtypes and shapes a header describes (then a fingerprint's)."""
+    def _empty(self, fields: list[int]) -> list[Tensor]:
+        """Uninitialised tensors of the dtypes and shapes a header describes, then the fingerprint's."""
         count, pos, out = fields[0], 1, []
         for _ in range(count):
             dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
             out.append(torch.empty(fields[pos + 2: pos + 2 + ndim], dtype=dtype, device=self.device))
             pos += 2 + ndim
-        if fingerprint:
-            out.append(torch.empty(FINGERPRINT_LEN, dtype=torch.float64, device=self.device))
+        out.append(torch.empty(FINGERPRINT_LEN, dtype=torch.float64, device=self.device))
         return out
 
     # -- gradients (+ the micro-batch loss) ---------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from lightning_paci.hollow import StageView
 from lightning_paci.inputs import SharedRandomness, check_fingerprint, fingerprint
