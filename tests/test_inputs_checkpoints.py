@@ -163,3 +163,33 @@ def test_consolidated_checkpoint_loads_with_load_from_checkpoint_and_gives_the_t
     x, _ = next(iter(loader(8)))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), trained.model(x), rtol=0, atol=0)
+
+
+def test_dropout_masks_differ_between_stages_while_training_step_draws_agree():
+    """In-process, both stages' views of one forward under the same shared seed: the mask drawn in
+    training_step is equal, the first dropout mask each stage's own modules draw is not (without
+    the stage-private seed at the stage's first module, stage 1's equals stage 0's)."""
+    from torch import nn
+
+    from lightning_paci.hollow import StageView
+    from lightning_paci.inputs import SharedRandomness
+    from lightning_paci.partition import partition_model
+    from tests.models import RandomMasking, loader
+
+    batch, drawn, dropped = next(iter(loader(2))), {}, {}
+    for stage in (0, 1):
+        torch.manual_seed(stage)  # the processes' own generators differ
+        model = RandomMasking(dropout=0.5)
+        partition = partition_model(model, 2)
+        view = StageView(model, dict(zip(partition.units, partition.stage_of)), stage, 2)
+        masks = []
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.register_forward_hook(lambda m, i, out: None if out.is_meta else masks.append(out == 0))
+        entry = model.get_submodule(view.entry) if view.entry else None
+        received = [torch.randn(2, 8, 16)] if stage else []
+        with SharedRandomness(123, stage, torch.device("cpu"), entry).forward(0, 7):
+            view.run(lambda: model.training_step(batch, 0), received)
+        drawn[stage], dropped[stage] = model.draws, masks[0]
+    assert drawn[0] == drawn[1]
+    assert not torch.equal(dropped[0], dropped[1])
