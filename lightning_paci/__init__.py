@@ -21,9 +21,10 @@ from lightning_paci.schedules import PlanSpec, build_plan
 register_strategies_when_lightning_loads()
 
 # Public names that need torch, and the module each lives in (PEP 562 lazy attributes).
-_LAZY = {"PACIStrategy": "lightning_paci.strategy", "PipelineError": "lightning_paci.p2p"}
+_LAZY = {"PACIStrategy": "lightning_paci.strategy", "PipelineError": "lightning_paci.p2p",
+         "consolidate": "lightning_paci.checkpoint"}
 
-__all__ = ["Action", "PACIStrategy", "PipelineError", "Plan", "PlanSpec", "build_plan"]
+__all__ = ["Action", "PACIStrategy", "PipelineError", "Plan", "PlanSpec", "build_plan", "consolidate"]
 
 
 def __getattr__(name: str) -> Any:

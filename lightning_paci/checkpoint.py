@@ -9,18 +9,24 @@ A checkpoint is a directory::
 
 Tensor keys do not mention stages, so together they form the ordinary model. Saving writes
 ``<dir>.tmp`` and renames it into place only after every stage has finished, so an interrupted save
-never leaves a directory that looks complete.
+never leaves a directory that looks complete. Overwriting never leaves the path without a complete
+checkpoint that ``recover`` cannot restore: the old copy is renamed aside (``<dir>.aside``), the
+new one renamed into place, and only then is the old one deleted (``_swap_into_place``).
+``recover`` runs before a path is read (and, for ``ckpt_path="last"``, on the checkpoint
+directories before the stage processes start): an aside copy without its replacement goes back.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 META_FILE = "meta.pt"
 
@@ -64,27 +70,127 @@ def save(path: Path, stage: int, rank: int, model_state: dict[str, Tensor],
         torch.save(meta, tmp / META_FILE)
     barrier()
     if rank == 0:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        tmp.rename(path)
+        _swap_into_place(tmp, path)
     barrier()
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def _aside(path: Path) -> Path:
+    return path.with_name(path.name + ".aside")
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path``. A crash at any point leaves a complete checkpoint at ``path`` or at
+    its aside name (``recover`` puts that back), never neither."""
+    aside = _aside(path)
+    if path.exists():
+        _remove(aside)  # left by a crash after a swap completed: stale, since path is complete
+        path.rename(aside)
+    tmp.rename(path)
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def recover(path: Path) -> None:
+    """Undo an overwrite interrupted between its renames: put the aside copy back if ``path`` is
+    missing, drop it if ``path`` is there. Safe to call from several processes at once."""
+    aside = _aside(path)
+    if not aside.exists():
+        return
+    if path.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    try:
+        aside.rename(path)
+    except OSError:  # another process put it back first
+        pass
+
+
+def recover_all(directory: Path) -> None:
+    """``recover`` every checkpoint of a directory that an interrupted overwrite left aside."""
+    if directory.is_dir():
+        for aside in directory.glob("*.aside"):
+            recover(aside.with_name(aside.name[: -len(".aside")]))
+
+
+def recover_checkpoint_dirs(trainer: Any) -> None:
+    """``recover_all`` in every ModelCheckpoint's directory, where ``ckpt_path="last"`` looks: before
+    the stage processes start, since each resolves "last" itself before the strategy reads a file."""
+    for callback in trainer.checkpoint_callbacks:
+        try:  # the directory ModelCheckpoint._find_last_checkpoints lists (private, name-mangled)
+            directory = callback.dirpath or callback._ModelCheckpoint__resolve_ckpt_dir(trainer)
+        except Exception:
+            continue
+        recover_all(Path(directory))
+
+
+def read_meta(path: Path, weights_only: bool | None = None) -> dict[str, Any]:
+    """Lightning's checkpoint dict without tensors; ``weights_only`` as Lightning passes it (None:
+    torch's default, True since torch 2.6), for this file and the stages' ``stage<i>.pt``."""
+    recover(path)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a lightning_paci checkpoint directory (no {META_FILE}); "
                                 "pipeline checkpoints are directories written by PACIStrategy")
-    return torch.load(path / META_FILE, weights_only=False)
+    return torch.load(path / META_FILE, weights_only=weights_only)
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """Write the pipeline checkpoint directory ``path`` as one ordinary Lightning checkpoint file ``out``.
+
+    ``out`` holds the whole model's ``state_dict`` under the user's names, the hyperparameters and
+    Lightning's progress (epoch, global_step), so ``MyModule.load_from_checkpoint(out)`` gives the
+    trained model on one device; it loads with ``weights_only=True``. The stages' optimizer and LR
+    scheduler states are left out (their layout is per stage): resume training from the directory.
+    Built on torch.distributed.checkpoint's own converter (``dcp_to_torch_save``); needs memory for
+    the whole model and its optimizer state; runs in one process, no process group.
+    """
+    path, out = Path(path), Path(out)
+    meta = read_meta(path, weights_only=True)
+    meta.pop("pipeline", None)
+    with tempfile.TemporaryDirectory() as scratch:
+        flat = Path(scratch) / "flat.pt"
+        dcp_to_torch_save(path, flat)
+        tensors = torch.load(flat, weights_only=True)
+    meta["state_dict"] = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    for key in ("optimizer_states", "lr_schedulers"):
+        meta.pop(key, None)
+    torch.save(meta, out)
+    return out
+
+
+def explain_directory_loads() -> None:
+    """Make ``MyModule.load_from_checkpoint(<pipeline checkpoint directory>)`` say what to do instead
+    of a bare IsADirectoryError (wraps the loader Lightning's ``_load_from_checkpoint`` calls)."""
+    from lightning.pytorch.core import saving
+
+    load = saving.pl_load
+    if getattr(load, "explains_pipeline_checkpoints", False):
+        return
+
+    def pl_load(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path_or_url, (str, Path)) and (Path(path_or_url) / META_FILE).is_file():
+            raise IsADirectoryError(
+                f"{path_or_url} is a lightning_paci pipeline checkpoint, a directory with each stage's "
+                "tensors: write it as one ordinary Lightning checkpoint with "
+                f"lightning_paci.consolidate({str(path_or_url)!r}, 'model.ckpt'), then load that file "
+                "(resuming a pipeline run takes the directory as it is: trainer.fit(ckpt_path=...))")
+        return load(path_or_url, *args, **kwargs)
+
+    pl_load.explains_pipeline_checkpoints = True  # type: ignore[attr-defined]
+    saving.pl_load = pl_load
 
 
 def load(path: Path, stage: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,
-         names: dict[int, str]) -> dict[str, Any]:
+         names: dict[int, str], weights_only: bool | None = None) -> dict[str, Any]:
     """Load this stage's tensors in place (and its optimizer); returns its ``stage<i>.pt`` dict."""
     own = {k: v for k, v in module.state_dict().items() if not v.is_meta}
     tensors: dict[str, Any] = {f"model/{k}": v for k, v in own.items()}
-    stage_state = torch.load(path / f"stage{stage}.pt", weights_only=False)
+    stage_state = torch.load(path / f"stage{stage}.pt", weights_only=weights_only)
     if optimizer is not None and stage_state["param_groups"] is not None:
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         mine = set(names.values())

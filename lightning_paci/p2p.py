@@ -8,8 +8,9 @@ under NCCL's one stream per group and rank pair alike (comm.py models both and p
 order of posts deadlock-free; on one shared group NCCL would deadlock at the first backward).
 
 An activation message is a fixed-size int64 header (count, then dtype code, requires_grad, rank and
-sizes of each tensor) followed by the tensors; the receiver checks what arrives against what it
-expects to substitute. Only tensors that require grad on the sender get one on the receiver, and
+sizes of each tensor) followed by the tensors and the micro-batch's fingerprint (inputs.py: a fixed-size float64 tensor
+the header does not describe, so it never changes the sticky shapes); the receiver checks what
+arrives against what it expects to substitute. Only tensors that require grad on the sender get one on the receiver, and
 only those get a gradient back (an attention mask or a RoPE table crosses the boundary without
 one). Gradient messages need no header: their shapes are the sender's own outputs, received into
 contiguous buffers (``empty_like`` would keep an output's strides, and NCCL writes the sender's
@@ -51,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_paci.clock import CudaEventClock, HostClock
+from lightning_paci.inputs import FINGERPRINT_LEN
 
 FAILURE_KEY = "lightning_paci/failure"
 _HEADER_LEN = 64
@@ -140,11 +142,11 @@ class StageLink:
         self._sent_header: list[int] | None = None  # the last activation header each way (sticky shapes)
         self._received_header: list[int] | None = None
         # Receives posted before the action that needs them (expect_activations / expect_grads).
-        self._early_activations: tuple[Tensor, list[Tensor], list[dist.Work]] | None = None
+        self._early_activations: tuple[Tensor, list[Tensor], list[dist.Work]] | None = None  # guess + fingerprint
         self._early_grads: deque[tuple[list[Tensor], list[dist.Work]]] = deque()
 
     # -- activations -------------------------------------------------------------------------
-    def send_activations(self, tensors: list[Tensor]) -> None:
+    def send_activations(self, tensors: list[Tensor], fingerprint: Tensor) -> None:
         fields = [len(tensors)]
         for t in tensors:
             fields += [_DTYPES.index(t.dtype), int(t.requires_grad), t.dim(), *t.shape]
@@ -157,7 +159,8 @@ class StageLink:
         if self._sent_header is not None and fields != self._sent_header:
             self._send_message(header, self._empty(self._sent_header))  # fills the receiver's guess
         self._sent_header = fields
-        self._send_message(header, [t.detach().to(self._wire).contiguous() for t in tensors])
+        self._send_message(header, [t.detach().to(self._wire).contiguous() for t in tensors]
+                           + [fingerprint.to(self._wire)])
 
     def _send_message(self, header: Tensor, tensors: list[Tensor]) -> None:
         activations, _, headers = self._next_groups
@@ -184,7 +187,8 @@ class StageLink:
             return self._post([header] + tensors, self.prev_rank, activations)
         return self._post([header], self.prev_rank, headers) + self._post(tensors, self.prev_rank, activations)
 
-    def recv_activations(self) -> list[Tensor]:
+    def recv_activations(self) -> tuple[list[Tensor], Tensor]:
+        """The activations of the next micro-batch and its fingerprint."""
         self.expect_activations()
         (header, guess, works), self._early_activations = self._early_activations, None
         self._wait_all(works, self.prev_rank)
@@ -195,21 +199,22 @@ class StageLink:
             self._received_header, guess = fields, self._empty(fields)
             self._wait_all(self._post_message(again, guess), self.prev_rank)
         # Leaves that require grad as the sender's tensors did: the backward stops here, .grad goes back.
-        arrived = self._arrive(guess)
+        *arrived, fingerprint = self._arrive(guess)
         for t, requires_grad in zip(arrived, self._requires_grad(fields)):
             t.requires_grad_(requires_grad)
-        return arrived
+        return arrived, fingerprint
 
     def _arrive(self, tensors: list[Tensor]) -> list[Tensor]:
         return tensors if self._wire == self.device else [t.to(self.device) for t in tensors]
 
     def _empty(self, fields: list[int]) -> list[Tensor]:
-        """Uninitialised tensors of the dtypes and shapes a header describes."""
+        """Uninitialised tensors of the dtypes and shapes a header describes, then the fingerprint's."""
         count, pos, out = fields[0], 1, []
         for _ in range(count):
             dtype, ndim = _DTYPES[fields[pos]], fields[pos + 2]
             out.append(torch.empty(fields[pos + 3: pos + 3 + ndim], dtype=dtype, device=self._wire))
             pos += 3 + ndim
+        out.append(torch.empty(FINGERPRINT_LEN, dtype=torch.float64, device=self._wire))
         return out
 
     @staticmethod

@@ -20,21 +20,22 @@ parameter is ever made.
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from lightning_paci.clock import clock_for
 from lightning_paci.hollow import StageView
 from lightning_paci.logs import LogCapture, combine_outputs
 from lightning_paci.hooks import StageHooks
+from lightning_paci.inputs import SharedRandomness, check_fingerprint, fingerprint
 from lightning_paci.memory import PeakMemory
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action
@@ -43,9 +44,16 @@ from lightning_paci.timeline import TimelineEvent
 
 
 def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
-    """Split every tensor (and list) of the batch along dim 0 into ``parts`` micro-batches."""
-    flat, spec = tree_flatten(batch)
-    sizes = {len(x) for x in flat if isinstance(x, (Tensor, list)) and (not isinstance(x, Tensor) or x.dim())}
+    """Split a batch into ``parts`` micro-batches along the batch dimension, following its structure.
+
+    Tensors split along dim 0; a list or tuple that holds no tensor and has one entry per sample
+    (strings, ids: what the default collate makes of non-tensor fields) splits with the same
+    boundaries; mappings, tuples and lists that hold tensors are structure and keep their shape;
+    scalars (and 0-d tensors) go to every micro-batch. A tensor-free list of plain values and of
+    another length is refused: it cannot be told apart from per-sample data cut short.
+    """
+    sizes: set[int] = set()
+    _batch_sizes(batch, sizes, tensors=_holds_tensor(batch))
     if len(sizes) != 1:
         raise ValueError(f"cannot split the batch into micro-batches: its tensors have first dimensions "
                          f"{sorted(sizes)}; every tensor of a batch needs the same batch dimension 0")
@@ -54,16 +62,61 @@ def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
         raise ValueError(f"batch size {size} is not divisible by micro_batches={parts}: make the "
                          "DataLoader's batch_size a multiple of micro_batches (and use drop_last=True)")
     parts = min(parts, size)
-    columns = []
-    for x in flat:
-        if isinstance(x, Tensor) and x.dim():
-            columns.append(torch.tensor_split(x, parts))
-        elif isinstance(x, list) and len(x) == size:
-            step = math.ceil(size / parts)
-            columns.append([x[k: k + step] for k in range(0, size, step)])
+    bounds = [k * (size // parts) + min(k, size % parts) for k in range(parts + 1)]  # torch.tensor_split's
+    return [_take(batch, bounds[k], bounds[k + 1], size, "batch") for k in range(parts)]
+
+
+def _holds_tensor(node: Any) -> bool:
+    if isinstance(node, Tensor):
+        return True
+    if isinstance(node, Mapping):
+        return any(_holds_tensor(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_holds_tensor(v) for v in node)
+    return False
+
+
+def _batch_sizes(node: Any, sizes: set[int], tensors: bool) -> None:
+    """First dimensions of the tensors (``tensors``) or, in a batch without any, of the innermost lists."""
+    if isinstance(node, Tensor):
+        if node.dim():
+            sizes.add(len(node))
+    elif isinstance(node, Mapping):
+        for value in node.values():
+            _batch_sizes(value, sizes, tensors)
+    elif isinstance(node, (list, tuple)):
+        nested = [v for v in node if isinstance(v, (Mapping, list, tuple, Tensor))]
+        if not tensors and node and not nested:
+            sizes.add(len(node))
+        for value in nested:
+            _batch_sizes(value, sizes, tensors)
+
+
+def _take(node: Any, start: int, stop: int, size: int, where: str) -> Any:
+    """Samples ``start:stop`` of ``node`` (``where`` names it in errors, e.g. ``batch['text']``)."""
+    if isinstance(node, Tensor):
+        return node[start:stop] if node.dim() else node
+    if isinstance(node, Mapping):
+        part = copy.copy(node)  # keeps the mapping's type (OrderedDict, HF's BatchEncoding, ...)
+        for key, value in node.items():
+            part[key] = _take(value, start, stop, size, f"{where}[{key!r}]")
+        return part
+    if isinstance(node, (list, tuple)):
+        if _holds_tensor(node):
+            items = [_take(v, start, stop, size, f"{where}[{i}]") for i, v in enumerate(node)]
+        elif len(node) == size:
+            items = list(node[start:stop])
+        elif any(isinstance(v, (Mapping, list, tuple)) for v in node):
+            items = [_take(v, start, stop, size, f"{where}[{i}]") for i, v in enumerate(node)]
         else:
-            columns.append([x] * parts)
-    return [tree_unflatten([c[k] for c in columns], spec) for k in range(parts)]
+            raise ValueError(f"cannot split the batch into micro-batches: {where} is a {type(node).__name__} "
+                             f"of {len(node)} entries without tensors, but the batch has {size} samples; a "
+                             "list in a batch must hold one entry per sample (or tensors), else pass it "
+                             "another way (a module attribute, a tensor)")
+        if isinstance(node, tuple) and hasattr(node, "_fields"):  # namedtuple
+            return type(node)(*items)
+        return type(node)(items)
+    return node
 
 
 _SETTLE_EVERY = 512  # actions between non-blocking settles of clock marks
@@ -99,12 +152,15 @@ class StageRuntime:
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
                  forward_context: Callable[[], Any] = nullcontext, hooks: StageHooks | None = None,
-                 record_timeline: bool = False) -> None:
+                 record_timeline: bool = False, seed: int = 0) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
         self.device, self.forward_context, self.hooks = device, forward_context, hooks
         self.handlers = {"F": self._forward, "B": self._backward, "S": self._step}
+        entry = module.get_submodule(view.entry) if view.entry is not None else None
+        self.randomness = SharedRandomness(seed, self.stage, device, entry)
+        self._forwards = self._eval_forwards = 0  # micro-batches run, counted alike on every stage
         self.batches_since_drain = 0
         self._closing: set[int] = set()  # batches since the last drain that end an accumulation window
         self.version = 0  # optimizer steps taken by this stage
@@ -196,13 +252,14 @@ class StageRuntime:
         step = getattr(self.module, step_name)
         results = []
         with torch.no_grad():
-            for part in micro:
-                received = self.link.recv_activations() if self.stage > 0 else []
+            for index, part in enumerate(micro):
+                received, mine = self._receive(part, batch_idx, index, step_name[:-len("_step")])
                 self._log.weight = len(tree_flatten(part)[0][0]) if tree_flatten(part)[0] else 1
-                with self._log, self.forward_context():
+                with self._log, self.forward_context(), self.randomness.forward(1, self._eval_forwards):
                     result, out = self.view.run(lambda: step(part, batch_idx, *extra), received)
+                self._eval_forwards += 1
                 if out is not None:
-                    self.link.send_activations(out)
+                    self.link.send_activations(out, mine)
                 results.append((result, self._log.weight))
         self._log.weight = 1
         self._log.flush()
@@ -270,16 +327,27 @@ class StageRuntime:
         if end < t1:
             self.timeline.append(TimelineEvent(self.stage, f"send {label}", end - o, t1 - o))
 
+    def _receive(self, part: Any, batch_idx: int, index: int, what: str) -> tuple[list[Tensor], Tensor]:
+        """The activations for micro-batch ``part`` (none on stage 0) and its fingerprint, checked
+        against the previous stage's copy of the micro-batch (inputs.py)."""
+        mine = fingerprint(part, self.device)
+        if self.stage == 0:
+            return [], mine
+        received, theirs = self.link.recv_activations()
+        check_fingerprint(mine, theirs, self.stage, batch_idx, index, what)
+        return received, mine
+
     def _forward(self, j: int) -> None:
         part = self._micro[j - self._first]
-        received = self.link.recv_activations() if self.stage > 0 else []
+        received, mine = self._receive(part, self._batch_idx, j - self._first, "training")
         if self.stage > 0 and j + 1 < self._first + len(self._micro):
             self.link.expect_activations()  # the batch's next forward follows: gloo receives it meanwhile
         step = self.module.training_step
-        with self._log, self.forward_context():
+        with self._log, self.forward_context(), self.randomness.forward(0, self._forwards):
             result, out = self.view.run(lambda: step(part, self._batch_idx), received)
+        self._forwards += 1
         if out is not None:
-            self.link.send_activations(out)
+            self.link.send_activations(out, mine)
             outputs = [t for t in out if t.requires_grad]  # what gets a gradient back (the header says so)
             self.link.expect_grads(outputs)
         else:

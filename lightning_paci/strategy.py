@@ -209,6 +209,7 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"{self.stages} stages share one device, which NCCL refuses (two ranks on one "
                              f"GPU); drop process_group_backend={self._process_group_backend!r} (gloo is used) "
                              f"or give the Trainer devices={self.stages}")
+        checkpoint.recover_checkpoint_dirs(trainer)  # an overwrite cut short by a kill: back before "last"
         module = trainer.lightning_module
         if module is None:
             return
@@ -352,7 +353,8 @@ class PACIStrategy(ParallelStrategy):
             aliases=self._aliases, schedulers=self._schedulers,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
             hooks=StageHooks(self.lightning_module, self.precision_plugin, self.stage, trainer.log_every_n_steps),
-            record_timeline=self._record_timeline)
+            record_timeline=self._record_timeline,
+            seed=self.broadcast(torch.initial_seed() % 2**63))  # one seed for the stages' shared randomness
 
     @override
     @contextmanager
@@ -520,14 +522,15 @@ class PACIStrategy(ParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        meta = checkpoint.read_meta(path)
+        meta = checkpoint.read_meta(path, weights_only)
         saved, layout = meta.pop("pipeline"), self._layout()
         if saved["n_stages"] != layout["n_stages"] or saved["units"] != layout["units"]:
             raise ValueError(f"{path} was saved by {saved['n_stages']} stages split as {saved['units']}; "
                              f"this run has {layout['n_stages']} stages split as {layout['units']}. Resume "
                              "with the same stages/split_points (resharding comes in a later release)")
         optimizer = self.optimizers[0] if self.optimizers else None
-        stage_state = checkpoint.load(path, self.stage, self.lightning_module, optimizer, self._names())
+        stage_state = checkpoint.load(path, self.stage, self.lightning_module, optimizer, self._names(),
+                                      weights_only)
         for config, state in zip(self._schedulers, stage_state["schedulers"]):
             config.scheduler.load_state_dict(state)
         if self.runtime is not None:
@@ -607,3 +610,4 @@ def _flat_telemetry(telemetry: list[dict[str, Any]]) -> dict[str, float]:
 
 # ``import lightning_paci`` brings this module in (see _registration.py): Trainer(strategy="paci") works.
 PACIStrategy.register_strategies(StrategyRegistry)
+checkpoint.explain_directory_loads()

@@ -126,3 +126,22 @@ class LitMeta(LitTiny):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = TinyGPT(n_layers=self.n_layers).to(self.dtype_)
+
+
+class RandomMasking(LitTiny):
+    """Draws a token mask in training_step, outside any module: stage 0 uses it on the inputs, the last
+    stage on the labels, so both must draw the same mask for a micro-batch. Records what it drew."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.draws: list[list[float]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._xy(batch)
+        mask = torch.rand(x.shape) < 0.25
+        noise = torch.randn(())
+        self.draws.append([int(mask.sum()), float(noise)])
+        logits = self.model(x.masked_fill(mask, 0))
+        loss = F.cross_entropy(logits.flatten(0, 1), y.masked_fill(~mask, -100).flatten()) + 0 * noise
+        self.log("train_loss", loss)
+        return loss

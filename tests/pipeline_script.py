@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_paci import PACIStrategy  # noqa: E402
-from tests.models import LitMeta, LitTiny, TwoOptimizers, loader  # noqa: E402
+from tests.models import LitMeta, LitTiny, RandomMasking, TwoOptimizers, loader  # noqa: E402
 
 
 class _CollectiveCounter(L.Callback):
@@ -109,6 +109,21 @@ class _WeightsAtHooks(L.Callback):
             self.seen.append(("val_loss", float(trainer.callback_metrics["val_loss"])))
 
 
+def _kill_at_swap(n: int) -> None:
+    """The process that renames a finished ``last.ckpt.tmp`` into place dies there, the n-th time."""
+    import signal
+
+    rename, count = Path.rename, [0]
+
+    def renaming(self, target):
+        if self.name == "last.ckpt.tmp" and Path(target).name == "last.ckpt":
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return rename(self, target)
+    Path.rename = renaming
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
@@ -135,10 +150,18 @@ def main() -> None:
     parser.add_argument("--epoch-batches", type=int, default=0, help="batches per epoch (default: all steps)")
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint at every epoch end")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--save-last", action="store_true", help="ModelCheckpoint(save_last=True)")
+    parser.add_argument("--save-hparams", action="store_true", help="checkpoints hold the model's init arguments")
+    parser.add_argument("--kill-at-swap", type=int, default=0,
+                        help="SIGKILL rank 0 as it renames the N-th saved last.ckpt into place")
     parser.add_argument("--two-optimizers", action="store_true")
     parser.add_argument("--validate", action="store_true", help="trainer.validate() after fit")
     parser.add_argument("--shuffle", action="store_true", help="shuffle=True in the training DataLoader")
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--masking", action="store_true",
+                        help="RandomMasking model; each rank writes the random numbers it drew per micro-batch")
+    parser.add_argument("--unseeded-shuffle", action="store_true",
+                        help="shuffle=True, use_distributed_sampler=False, no seed: stages read different batches")
     parser.add_argument("--record-batches", action="store_true", help="write each rank's batch sums")
     parser.add_argument("--count-collectives", action="store_true",
                         help="count torch.distributed collectives issued inside training batches")
@@ -163,6 +186,8 @@ def main() -> None:
         from tests import nccl_order
 
         nccl_order.install(timeout_s=args.timeout)
+    if args.kill_at_swap:
+        _kill_at_swap(args.kill_at_swap)
     if args.shared_group:
         import lightning_paci.strategy
 
@@ -178,10 +203,15 @@ def main() -> None:
 
         lightning_paci.runtime.clock_for = lambda device: _LaggingClock()
         lightning_paci.runtime._SETTLE_EVERY = 4  # settle often, while the newest marks are incomplete
-    L.seed_everything(0, verbose=False)
-    module_class = TwoOptimizers if args.two_optimizers else LitMeta if args.meta_init else LitTiny
+    if not args.unseeded_shuffle:
+        L.seed_everything(0, verbose=False)
+    module_class = TwoOptimizers if args.two_optimizers else LitMeta if args.meta_init else RandomMasking if args.masking else LitTiny
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
                     sched=args.sched, dropout=args.dropout, **({"extras": True} if args.extras else {}))
+    if args.save_hparams:
+        model.save_hyperparameters({"n_layers": args.layers, "dtype": getattr(torch, args.dtype),
+                                    "batch_format": args.batch_format, "sched": args.sched,
+                                    "dropout": args.dropout})
     if args.fail_unit:
         def fail(module, inputs):
             if not inputs[0].is_meta and model.trainer.global_step == args.fail_step:
@@ -197,7 +227,7 @@ def main() -> None:
     callbacks = []
     if args.ckpt_dir:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(args.ckpt_dir, save_top_k=-1, every_n_epochs=1,
-                                                             filename="{epoch}-{step}"))
+                                                             filename="{epoch}-{step}", save_last=args.save_last))
     if args.count_collectives:
         callbacks.append(_CollectiveCounter())
     if args.record_batches:
@@ -209,14 +239,14 @@ def main() -> None:
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False, max_epochs=-1,
         # As with DDP, Lightning's sampler shuffles training data; the references read it in order.
-        use_distributed_sampler=args.shuffle,
+        use_distributed_sampler=args.shuffle and not args.unseeded_shuffle,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0,
         check_val_every_n_epoch=None if args.val_total else 1)
     n_batches = args.epoch_batches or args.steps * args.accumulate
     train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format,
-                   shuffle=args.shuffle)
+                   shuffle=args.shuffle or args.unseeded_shuffle)
     val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
     trainer.fit(model, train, val if args.val_every else None, ckpt_path=args.resume)
     strategy = trainer.strategy
@@ -228,6 +258,8 @@ def main() -> None:
             (out / f"batches_rank{trainer.global_rank}.json").write_text(json.dumps(callback.sums))
         if isinstance(callback, _WeightsAtHooks):
             torch.save(callback.seen, out / f"hooks_rank{trainer.global_rank}.pt")
+    if args.masking:
+        (out / f"draws_rank{trainer.global_rank}.json").write_text(json.dumps(model.draws))
     if args.start_method != "popen":  # the main process holds the whole trained model
         torch.save(model.state_dict(), out / "model.pt")
         stage = "all"
