@@ -177,7 +177,7 @@ def check_transport(programs: Sequence[Sequence[Any]], transport: Transport,
                         open_sends[i] += op.verb == SEND
                 cursor[i] += 1
                 progress = True
-        for key, ends in queues.items():  # complete matching heads
+        for ends in queues.values():  # complete matching heads
             if len(ends) < 2:
                 continue
             (a, qa), (b, qb) = sorted(ends.items())

@@ -76,11 +76,15 @@ class StageHooks:
             if (step + 1) % self.log_every_n_steps == 0:  # thinned as Lightning thins step logs
                 self.pending.append((step, name, float(value)))
 
+        outer = self.module.__dict__.get("log")  # logs.LogCapture's, if any: put back after
         self.module.log = record  # instance attribute shadows LightningModule.log (log_dict calls it too)
         try:
             yield
         finally:
-            del self.module.log
+            if outer is None:
+                del self.module.log
+            else:
+                self.module.log = outer
 
 
 def log_stage_records(gathered: list[tuple[int, list[tuple[int, str, float]]]], last_stage: int,

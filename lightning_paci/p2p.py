@@ -8,14 +8,14 @@ under NCCL's one stream per group and rank pair alike (comm.py models both and p
 order of posts deadlock-free; on one shared group NCCL would deadlock at the first backward).
 
 An activation message is a fixed-size int64 header (count, then dtype code, requires_grad, rank and
-sizes of each tensor) followed by the tensors and the micro-batch's fingerprint (inputs.py: a fixed-size float64 tensor
-the header does not describe, so it never changes the sticky shapes); the receiver checks what
-arrives against what it expects to substitute. Only tensors that require grad on the sender get one on the receiver, and
-only those get a gradient back (an attention mask or a RoPE table crosses the boundary without
-one). Gradient messages need no header: their shapes are the sender's own outputs, received into
-contiguous buffers (``empty_like`` would keep an output's strides, and NCCL writes the sender's
-contiguous bytes). Headers live on the host: on CUDA they travel over a gloo group of their own,
-so reading one never waits for the device (no per-message device-to-host sync).
+sizes of each tensor) followed by the tensors and the micro-batch's fingerprint (inputs.py: a
+fixed-size float64 tensor the header does not describe, so it never changes the sticky shapes); the
+receiver checks what arrives against what it expects to substitute. Only tensors that require grad
+on the sender get one on the receiver, and only those get a gradient back (an attention mask or a
+RoPE table crosses the boundary without one). Gradient messages need no header: their shapes are
+the sender's own outputs, received into contiguous buffers (``empty_like`` would keep an output's
+strides, and NCCL writes the sender's contiguous bytes). Headers live on the host: on CUDA they
+travel over a gloo group of their own, so reading one never waits for the device.
 
 Sticky shapes: gloo moves a message only once both ends have posted it, and on busy cores each
 such rendezvous costs milliseconds (the other side's I/O thread has to be scheduled). So the
@@ -43,6 +43,9 @@ down. A neighbour blocked on it gets gloo's "connection closed" (or the group ti
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections import deque
 from datetime import timedelta
 from typing import Any
@@ -72,8 +75,13 @@ def _store() -> dist.Store | None:
         return None
 
 
+_reported_here = False
+
+
 def report_failure(note: str) -> None:
     """Leave the first failure's note where the other stages can read it."""
+    global _reported_here
+    _reported_here = True
     store = _store()
     if store is None:
         return
@@ -92,6 +100,34 @@ def failure_note() -> str | None:
     except Exception:
         return None
     return None
+
+
+class FailureWatch(threading.Thread):
+    """Ends this stage process when another stage has failed and this one has not stopped by itself.
+
+    On gloo a stage blocked on a failed neighbour gets an error at once. On NCCL a ``wait()`` only
+    makes the stream wait: the host then blocks in its next device sync, possibly until NCCL's
+    watchdog aborts the process without naming anyone; and a stage busy in its own compute notices
+    nothing on either transport. This thread reads the failure note every ``poll_s``; once one
+    appears that this process did not write, it gives the process ``grace_s`` to fail by itself,
+    then prints the note and exits with status 1.
+    """
+
+    def __init__(self, stage: int, grace_s: float = 5.0, poll_s: float = 0.5) -> None:
+        super().__init__(daemon=True, name="lightning_paci-failure-watch")
+        self.stage, self.grace_s, self.poll_s = stage, grace_s, poll_s
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.poll_s):
+            note = failure_note()
+            if note is None or _reported_here:
+                continue
+            if self.done.wait(self.grace_s):
+                return
+            print(f"lightning_paci: stage {self.stage} ends because another stage failed {self.grace_s:.0f} s "
+                  f"ago and this one did not stop by itself: {note}", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 def boundary_groups(rank_of_stage: list[int], timeout: timedelta | None = None,

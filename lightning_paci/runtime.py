@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_paci.clock import clock_for
 from lightning_paci.hollow import StageView
-from lightning_paci.logs import LogCapture, combine_outputs
 from lightning_paci.hooks import StageHooks
 from lightning_paci.inputs import SharedRandomness, check_fingerprint, fingerprint
+from lightning_paci.logs import LogCapture, combine_outputs
 from lightning_paci.memory import PeakMemory
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action

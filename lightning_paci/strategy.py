@@ -39,7 +39,6 @@ from typing_extensions import override
 
 from lightning_paci import checkpoint
 from lightning_paci.hollow import StageView
-from lightning_paci.materialize import materialize
 from lightning_paci.hooks import StageHooks, send_to_rank_zero
 from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
@@ -50,7 +49,8 @@ from lightning_paci.launch import (
     drop_per_batch_sigterm_broadcast,
     drop_prediction_writers,
 )
-from lightning_paci.p2p import StageLink, boundary_groups
+from lightning_paci.materialize import materialize
+from lightning_paci.p2p import FailureWatch, StageLink, boundary_groups
 from lightning_paci.partition import PARTITIONS, Partition, partition_model
 from lightning_paci.plan import drift_bound
 from lightning_paci.runtime import StageRuntime
@@ -128,6 +128,7 @@ class PACIStrategy(ParallelStrategy):
         self._schedulers: list[Any] = []
         self._view: StageView | None = None
         self._boundary_groups: list[tuple[Any, Any, Any]] | None = None
+        self._failure_watch: FailureWatch | None = None
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
         self._closes_window = False  # set while Lightning's optimizer_step runs this batch
@@ -266,6 +267,9 @@ class PACIStrategy(ParallelStrategy):
                 # interpreter's finalization can abort the process ("terminate called without an
                 # active exception", pytorch/pytorch#190489)
                 atexit.register(_destroy_dist_connection)
+        if self._failure_watch is None:
+            self._failure_watch = FailureWatch(self.stage)
+            self._failure_watch.start()
         ranks = [self.world_size - 1 - i for i in range(self.n_stages)]  # stage i on rank N-1-i
         self._boundary_groups = boundary_groups(ranks, self._timeout, host_headers=backend == "nccl")
 
@@ -568,6 +572,9 @@ class PACIStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._failure_watch is not None:
+            self._failure_watch.done.set()
+            self._failure_watch = None
         if self.cluster_environment is not None:
             self.cluster_environment.teardown()
         self.precision_plugin.teardown()

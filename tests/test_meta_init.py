@@ -9,7 +9,7 @@ from lightning_paci.materialize import materialize
 from lightning_paci.partition import partition_model
 from tests.models import LitMeta
 from tests.reference import batches, train_reference
-from tests.test_pipeline_correctness import BATCH, LAYERS, M, STEPS, assert_same, run_pipeline
+from tests.test_pipeline_correctness import BATCH, LAYERS, STEPS, M, assert_same, run_pipeline
 
 
 def _built_like_a_stage() -> LitMeta:
