@@ -57,13 +57,16 @@ class PipelineSync(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.sync_metrics()
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy.check_loader(trainer, trainer.train_dataloader)  # loaders of a datamodule exist now
+
 
 class _ChecksBeforeLaunch:
-    check: Callable[[Trainer], None]
+    check: Callable[[Trainer, tuple], None]  # given the arguments of fit/validate/... (loaders among them)
 
     def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
         if trainer is not None:
-            self.check(trainer)
+            self.check(trainer, args)
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
 

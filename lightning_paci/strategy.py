@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
+from lightning_paci.checks import check_last_batch, check_lr_schedulers, warn_if_schedule_changed
 from lightning_paci.hollow import StageView
 from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
@@ -181,7 +182,7 @@ class PACIStrategy(ParallelStrategy):
             self._launcher = CheckedMultiprocessingLauncher(self, start_method=self._start_method)
         self._launcher.check = self._check_before_launch
 
-    def _check_before_launch(self, trainer: Trainer) -> None:
+    def _check_before_launch(self, trainer: Trainer, args: tuple = ()) -> None:
         """Every mistake that can be seen from the main process fails here, before ranks start."""
         devices = self.num_processes * self.num_nodes
         if self.stages is not None and self.stages != devices:
@@ -193,6 +194,12 @@ class PACIStrategy(ParallelStrategy):
             return
         self._check_module(module, trainer)
         self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        if trainer.state.fn == TrainerFn.FITTING and len(args) > 1:
+            self.check_loader(trainer, args[1])  # fit(model, train_dataloaders, ...)
+
+    def check_loader(self, trainer: Trainer, loader: Any) -> None:
+        check_last_batch(loader, self.micro_batches, trainer.max_steps, trainer.accumulate_grad_batches,
+                         trainer.limit_train_batches)
 
     def _check_module(self, module: LightningModule, trainer: Trainer) -> None:
         if not module.automatic_optimization:
@@ -293,11 +300,7 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"configure_optimizers returned {count} optimizers; a pipeline stage steps "
                              "exactly one (put all parameters in one optimizer, with param groups if they "
                              "need different settings)")
-        for config in self.lr_scheduler_configs:
-            if config.interval != "step" or config.reduce_on_plateau:
-                plateau = " with ReduceLROnPlateau" if config.reduce_on_plateau else ""
-                raise ValueError("LR schedulers must use interval='step' (each stage steps its scheduler "
-                                 f"with its own optimizer); got interval={config.interval!r}{plateau}")
+        check_lr_schedulers(self.lr_scheduler_configs)
         # Each stage steps its own schedulers where the plan says; Lightning must not step them too.
         self._schedulers, self.lr_scheduler_configs = self.lr_scheduler_configs, []
         self._aliases = _alias_parameters(self.optimizers[0])
@@ -454,6 +457,7 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"{path} was saved by {saved['n_stages']} stages split as {saved['units']}; "
                              f"this run has {layout['n_stages']} stages split as {layout['units']}. Resume "
                              "with the same stages/split_points (resharding comes in a later release)")
+        warn_if_schedule_changed(path, saved, layout)
         optimizer = self.optimizers[0] if self.optimizers else None
         stage_state = checkpoint.load(path, self.stage, self.lightning_module, optimizer, self._names())
         for config, state in zip(self._schedulers, stage_state["schedulers"]):

@@ -6,12 +6,16 @@ from __future__ import annotations
 import copy
 import re
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_paci import PACIStrategy
+from lightning_paci.checks import check_last_batch, warn_if_schedule_changed
 from lightning_paci.hollow import PartitionError, StageView
 from lightning_paci.partition import partition_model
-from tests.models import TinyGPT
+from tests.models import LitTiny, TinyGPT, token_data
 
 
 # -- 5. meta tensors never reach real compute -----------------------------------------------------------
@@ -66,3 +70,53 @@ def test_marked_hollow_tensors_stay_usable_for_bookkeeping():
     assert weight.is_meta and weight.numel() == 32 * 16 and weight.T.shape == (16, 32)
     hollow = {k for k, v in model.state_dict().items() if v.is_meta}
     assert "transformer.wte.weight" in hollow and "lm_head.weight" not in hollow
+
+
+# -- 7. smaller misconfigurations -----------------------------------------------------------------------
+class _Plateau(LitTiny):
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+        config = {"scheduler": sched, "interval": "step", "monitor": "train_loss"}
+        return {"optimizer": opt, "lr_scheduler": config}
+
+
+class _EpochScheduler(LitTiny):
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1)}
+
+
+@pytest.mark.parametrize("make,message,not_said", [
+    (_Plateau, "ReduceLROnPlateau steps on a monitored metric, which only the last pipeline stage",
+     "got interval='step'"),
+    (_EpochScheduler, "StepLR has interval='epoch'", None),
+])
+def test_lr_scheduler_refusals_say_what_is_wrong(make, message, not_said):
+    """On fedc153 the plateau refusal read "must use interval='step' ... got interval='step'"."""
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=PACIStrategy(), logger=False)
+    model = make()
+    model.trainer = trainer
+    trainer.strategy._lightning_module = model
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        trainer.strategy.setup_optimizers(trainer)
+    assert not_said is None or not_said not in str(error.value)
+
+
+def test_a_short_last_batch_micro_batches_cannot_split_fails_before_launch():
+    """On fedc153 it failed at the end of the first epoch, after training it."""
+    x, y = token_data(66)
+    data = DataLoader(TensorDataset(x, y), batch_size=8, drop_last=False)  # last batch: 2 samples
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=PACIStrategy(micro_batches=4), max_epochs=1,
+                        logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"last batch of every epoch has 2 samples .* drop_last=True"):
+        trainer.fit(LitTiny(), data)
+    assert not torch.distributed.is_initialized()
+    check_last_batch(DataLoader(TensorDataset(x[:64], y[:64]), batch_size=8), 4)  # 8 full batches: fine
+    check_last_batch(data, 4, max_steps=8)  # the short batch is never reached
+
+
+def test_resuming_under_another_schedule_warns():
+    saved = {"n_stages": 2, "schedule": "paci", "units": []}
+    with pytest.warns(UserWarning, match="saved by a 'paci' run .* schedule='1f1b'"):
+        warn_if_schedule_changed("last.ckpt", saved, {**saved, "schedule": "1f1b"})
