@@ -86,6 +86,17 @@ def failure_note() -> str | None:
     return None
 
 
+def _silent_neighbour(error: Exception, timeout_s: float | None) -> str:
+    """What a failed wait means when no stage left a failure note."""
+    if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+        limit = f"{timeout_s:g} s (timeout_s)" if timeout_s is not None else "the process group's timeout"
+        return (f"the neighbour stopped answering: nothing came for {limit}. It raised no error of its own: "
+                "it is stuck (a hang in its step, a deadlock, a stalled device) or was stopped; the job ends "
+                "and its stage processes are ended with it")
+    return ("the neighbour's process ended without leaving a failure note (killed, or it exited); "
+            f"its own output says why ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})")
+
+
 def boundary_groups(rank_of_stage: list[int], timeout: timedelta | None = None) -> list[tuple[Any, Any]]:
     """``(activations, gradients)`` process groups of every stage boundary (stage b -> b+1).
 
@@ -107,8 +118,9 @@ class StageLink:
     """
 
     def __init__(self, stage: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
-                 groups: list[tuple[Any, Any]] | None = None) -> None:
+                 groups: list[tuple[Any, Any]] | None = None, timeout_s: float | None = None) -> None:
         self.stage, self.prev_rank, self.next_rank = stage, prev_rank, next_rank
+        self.timeout_s = timeout_s
         self.device = device
         # (activations, gradients) groups of the boundary in front of this stage and of the one after it
         self._prev_groups = groups[stage - 1] if groups and prev_rank is not None else (None, None)
@@ -226,8 +238,7 @@ class StageLink:
         try:
             work.wait()
         except Exception as error:
-            note = failure_note()
-            cause = note or "the neighbour exited or stopped answering (see its own error)"
+            cause = failure_note() or _silent_neighbour(error, self.timeout_s)
             raise PipelineError(f"stage {self.stage} lost its pipeline neighbour while {what}: {cause}") from error
         finally:
             end = time.perf_counter()

@@ -49,6 +49,7 @@ from lightning_paci.partition import PARTITIONS, Partition, partition_model
 from lightning_paci.plan import drift_bound
 from lightning_paci.runtime import StageRuntime
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
+from lightning_paci.signals import PipelineSignals
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
 
@@ -121,6 +122,7 @@ class PACIStrategy(ParallelStrategy):
         self._aliases: list[tuple[nn.Parameter, nn.Parameter]] = []
         self._schedulers: list[Any] = []
         self._view: StageView | None = None
+        self._signals: PipelineSignals | None = None
         self._boundary_groups: list[tuple[Any, Any]] | None = None
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
@@ -274,7 +276,8 @@ class PACIStrategy(ParallelStrategy):
         self._build_runtime(trainer)
         if not any(isinstance(c, PipelineSync) for c in trainer.callbacks):
             trainer.callbacks.insert(0, PipelineSync(self))
-        drop_per_batch_sigterm_broadcast(trainer)
+        self._signals = PipelineSignals(trainer, self)  # before Lightning registers its signal handlers
+        drop_per_batch_sigterm_broadcast(trainer, self._signals)
 
     @override
     def model_to_device(self) -> None:
@@ -309,7 +312,8 @@ class PACIStrategy(ParallelStrategy):
         rank = self.global_rank
         link = StageLink(self.stage, prev_rank=rank + 1 if self.stage > 0 else None,
                          next_rank=rank - 1 if self.stage < self.n_stages - 1 else None,
-                         device=self.root_device, groups=self._boundary_groups)
+                         device=self.root_device, groups=self._boundary_groups,
+                         timeout_s=self._timeout.total_seconds())
         fitting = trainer.state.fn == TrainerFn.FITTING
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
         self.runtime = StageRuntime(
@@ -358,6 +362,8 @@ class PACIStrategy(ParallelStrategy):
     def on_train_end(self) -> None:
         self.drain()
         self.publish_telemetry()
+        if self._signals is not None:
+            self._signals.at_train_end()
 
     def drain(self) -> None:
         if self.runtime is not None:

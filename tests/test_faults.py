@@ -1,10 +1,19 @@
-"""Faults and bad input: meta tensors reaching real compute, misconfigurations (issue 12).
+"""Faults and bad input: signals, lost stages, meta tensors reaching real compute, misconfigurations.
+
+Every multi-process run here is bounded: the strategy's ``timeout_s`` is small, each subprocess has a
+hard timeout, and whatever a test started is killed (its whole session) when the test ends.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,6 +25,155 @@ from lightning_paci.checks import check_last_batch, warn_if_schedule_changed
 from lightning_paci.hollow import PartitionError, StageView
 from lightning_paci.partition import partition_model
 from tests.models import LitTiny, TinyGPT, token_data
+from tests.test_pipeline_correctness import SCRIPT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Job:
+    """The pipeline script started in sessions of its own, so that a test can always end all of it.
+
+    ``slurm=N`` starts N processes the way srun does (SLURM_* variables, one task per stage);
+    otherwise one process whose launcher starts the other stages.
+    """
+
+    def __init__(self, out: Path, *args: str, slurm: int = 0) -> None:
+        self.out = out
+        cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--pid-files", *args]
+        self.log = open(out / "log.txt", "w")
+        envs = [None]
+        if slurm:
+            port = str(29600 + os.getpid() % 300)
+            common = {**os.environ, "SLURM_NTASKS": str(slurm), "SLURM_NTASKS_PER_NODE": str(slurm),
+                      "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
+                      "SLURM_JOB_NAME": "paci-test", "SLURM_NODELIST": "127.0.0.1",
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            envs = [{**common, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in range(slurm)]
+        self.procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True) for env in envs]
+        self.proc = self.procs[0]
+
+    def pid(self, rank: int, timeout: float = 60) -> int:
+        path = self.out / f"pid_rank{rank}"
+        deadline = time.monotonic() + timeout
+        while not path.exists() or not path.read_text():
+            assert self.proc.poll() is None, f"the job ended early:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        return int(path.read_text())
+
+    def wait_for(self, path: Path, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert self.proc.poll() is None, f"the job ended early:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"{path} did not appear"
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.out / "log.txt").read_text()
+
+    def alive(self) -> list[int]:
+        """Processes of the job still running (its sessions hold every stage process it started)."""
+        found = []
+        for proc in self.procs:
+            pgrep = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
+            found += [int(p) for p in pgrep.stdout.split()]
+        return found
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def job(tmp_path):
+    jobs: list[Job] = []
+
+    def start(*args: str, slurm: int = 0) -> Job:
+        jobs.append(Job(tmp_path, *args, slurm=slurm))
+        return jobs[-1]
+    yield start
+    for j in jobs:
+        j.close()
+
+
+def _ended_within(job: Job, seconds: float) -> float:
+    start = time.monotonic()
+    try:
+        for proc in job.procs:
+            proc.wait(timeout=max(0.1, seconds - (time.monotonic() - start)))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the job still ran {seconds} s after the signal:\n{job.output()[-3000:]}")
+    while job.alive() and time.monotonic() - start < seconds:
+        time.sleep(0.05)
+    assert not job.alive(), f"stage processes outlived the job: {job.alive()}"
+    return time.monotonic() - start
+
+
+# -- 1. SIGTERM -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_to_any_stage_stops_every_stage_at_a_drain(job, tmp_path, rank):
+    """A preempted job: SIGTERM to one stage process. Every stage stops within seconds, after a drain,
+    exit code 0 as Lightning's own SIGTERM handling gives, and every checkpoint on disk is complete."""
+    ckpt = tmp_path / "ckpt"
+    j = job("--schedule", "paci", "--steps", "2000", "--epoch-batches", "4", "--ckpt-dir", str(ckpt),
+            "--slow-ms", "5", "--timeout", "20")
+    pids = {r: j.pid(r) for r in (0, 1)}
+    j.wait_for(ckpt / "epoch=0-step=4.ckpt")
+    time.sleep(0.5)
+    os.kill(pids[rank], signal.SIGTERM)
+    took = _ended_within(j, 15)
+    out = j.output()
+    assert j.proc.returncode == 0, out[-3000:]
+    assert took < 8, f"took {took:.1f} s"
+    assert "stops on SIGTERM after batch" in out, out[-3000:]
+    saved = sorted(ckpt.glob("*.ckpt"))
+    assert saved and all((c / "meta.pt").is_file() for c in saved)
+
+
+def test_slurm_requeue_signal_saves_at_a_batch_boundary_and_training_goes_on(job, tmp_path):
+    """SLURM's requeue signal (SIGUSR1, to one task only here) lands mid-action; the checkpoint is saved
+    by every stage at one agreed batch boundary, training continues, and the SIGTERM that follows a
+    requeue stops the job cleanly."""
+    j = job("--schedule", "paci", "--steps", "2000", "--epoch-batches", "4", "--slow-ms", "5",
+            "--timeout", "20", "--root-dir", str(tmp_path), slurm=2)
+    pids = {r: j.pid(r) for r in (0, 1)}
+    time.sleep(1.0)
+    os.kill(pids[1], signal.SIGUSR1)
+    saved = tmp_path / "hpc_ckpt_1.ckpt"
+    j.wait_for(saved / "meta.pt", timeout=20)
+    time.sleep(1.0)
+    assert all(p.poll() is None for p in j.procs), j.output()[-3000:]  # it trains on after the save
+    for pid in pids.values():
+        os.kill(pid, signal.SIGTERM)
+    _ended_within(j, 15)
+    assert [p.returncode for p in j.procs] == [0, 0], j.output()[-3000:]
+    out = j.output()
+    assert out.count("save a checkpoint for requeue after batch") == 2, out[-3000:]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# -- 2. a stage that stops answering ---------------------------------------------------------------------
+def test_hung_stage_is_named_as_silent_and_does_not_outlive_the_job(job):
+    """Stage 0 (rank 1, started by rank 0's launcher) hangs in its forward. Rank 0 fails at timeout_s
+    saying its neighbour stopped answering and for how long, and the hung process ends with the job."""
+    j = job("--schedule", "paci", "--steps", "50", "--fail-unit", "model.transformer.h.0", "--fail-step", "3",
+            "--hang", "--timeout", "8")
+    hung = j.pid(1)
+    start = time.monotonic()
+    _ended_within(j, 40)
+    out = j.output()
+    assert j.proc.returncode != 0
+    assert "the neighbour stopped answering: nothing came for 8 s (timeout_s)" in out, out[-3000:]
+    assert "see its own error" not in out
+    assert not Path(f"/proc/{hung}").exists()
+    assert time.monotonic() - start < 30
 
 
 # -- 5. meta tensors never reach real compute -----------------------------------------------------------
