@@ -113,6 +113,7 @@ def _ended_within(job: Job, seconds: float) -> float:
     while job.alive() and time.monotonic() - start < seconds:
         time.sleep(0.05)
     assert not job.alive(), f"stage processes outlived the job: {job.alive()}"
+    print(f"MEASURE all processes ended {time.monotonic() - start:.2f} s after the signal/start")
     return time.monotonic() - start
 
 
