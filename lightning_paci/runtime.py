@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -122,6 +123,7 @@ class StageRuntime:
         self._losses: list[Tensor] = []
         self._output: Any = None
         self._log = _LogCapture(module)
+        self._nonfinite_seen = False
         # telemetry
         self.drift = Counter()
         self.peak_in_flight = 0
@@ -136,6 +138,7 @@ class StageRuntime:
     def train_batch(self, batch: Any, batch_idx: int) -> Any:
         k = self.batches_since_drain
         start = self._last_end if self._last_end is not None else time.perf_counter()
+        steps_before = self.version
         self._micro = split_batch(batch, self.spec.micro_batches, exact=True)
         self._first, self._batch_idx, self._losses, self._output = k * self.spec.micro_batches, batch_idx, [], None
         self._run(self.spec.batch(self.stage, k), f"batch {k} since the last drain")
@@ -143,10 +146,24 @@ class StageRuntime:
         self._last_end = time.perf_counter()
         self.wall_s += self._last_end - start  # includes the loop's time between batches: idle, not busy
         self._log.flush()
+        if self.last and not self._nonfinite_seen:
+            self._report_nonfinite(batch_idx, steps_before)
         loss = torch.stack(self._losses).mean() if self._losses else torch.tensor(float("nan"))
         if isinstance(self._output, dict):
             return {**self._output, "loss": loss}
         return loss
+
+    def _report_nonfinite(self, batch_idx: int, steps_before: int) -> None:
+        """Say once, where it first happens, that a non-finite loss entered the pipeline (one host sync
+        per batch on the last stage): its gradients reach every stage and nothing skips them."""
+        losses = torch.stack(self._losses)
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if bad:
+            self._nonfinite_seen = True
+            rank_zero_warn(f"lightning_paci: stage {self.stage} computed a non-finite loss "
+                           f"({losses[bad[0]].item()}) for micro-batch {self._first + bad[0]} (batch_idx "
+                           f"{batch_idx}, after {steps_before} optimizer steps of this stage); its gradients "
+                           "reach every stage, and each stage's next step makes its weights non-finite")
 
     def drain(self) -> None:
         """Finish every backward in flight and close the window: all stages then hold equal versions."""

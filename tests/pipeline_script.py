@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--logger", action="store_true")
     parser.add_argument("--fail-unit", default=None)
     parser.add_argument("--fail-step", type=int, default=0)
+    parser.add_argument("--nan-step", type=int, default=-1, help="the logits turn NaN at this global step")
     parser.add_argument("--hang", action="store_true", help="--fail-unit sleeps an hour instead of raising")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--start-method", default="popen")
@@ -139,6 +140,11 @@ def main() -> None:
                     time.sleep(3600)
                 raise RuntimeError(f"injected failure in {args.fail_unit}")
         model.get_submodule(args.fail_unit).register_forward_pre_hook(fail)
+    if args.nan_step >= 0:
+        def nan(module, inputs, output):
+            if not output.is_meta and model.trainer.global_step == args.nan_step:
+                return output * float("nan")
+        model.model.lm_head.register_forward_hook(nan)
     if args.slow_ms:
         def slow(module, inputs):
             if not inputs[0].is_meta:

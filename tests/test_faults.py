@@ -279,3 +279,15 @@ def test_resuming_under_another_schedule_warns():
     saved = {"n_stages": 2, "schedule": "paci", "units": []}
     with pytest.warns(UserWarning, match="saved by a 'paci' run .* schedule='1f1b'"):
         warn_if_schedule_changed("last.ckpt", saved, {**saved, "schedule": "1f1b"})
+
+
+# -- 4 (part). a non-finite loss is reported where it first appears ------------------------------------
+def test_first_nonfinite_loss_is_reported_with_its_stage_and_step(tmp_path):
+    """On ab00b0f a NaN loss turned every parameter of every stage into NaN without a word."""
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--schedule", "paci", "--steps", "6",
+           "--nan-step", "3", "--timeout", "30"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "stage 1 computed a non-finite loss (nan) for micro-batch 12 (batch_idx 3, after 3 optimizer" in out
+    assert out.count("computed a non-finite loss") == 1
