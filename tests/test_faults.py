@@ -44,7 +44,11 @@ class Job:
         envs = [None]
         if slurm:
             port = str(29600 + os.getpid() % 300)
-            common = {**os.environ, "SLURM_NTASKS": str(slurm), "SLURM_NTASKS_PER_NODE": str(slurm),
+            fake = out / "bin"  # a stand-in scontrol records the requeue (never requeue a real job)
+            fake.mkdir()
+            (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {out / "scontrol.txt"}\n')
+            (fake / "scontrol").chmod(0o755)
+            common = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_NTASKS": str(slurm), "SLURM_NTASKS_PER_NODE": str(slurm),
                       "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
                       "SLURM_JOB_NAME": "paci-test", "SLURM_NODELIST": "127.0.0.1",
                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
@@ -157,6 +161,7 @@ def test_slurm_requeue_signal_saves_at_a_batch_boundary_and_training_goes_on(job
     assert [p.returncode for p in j.procs] == [0, 0], j.output()[-3000:]
     out = j.output()
     assert out.count("save a checkpoint for requeue after batch") == 2, out[-3000:]
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]  # rank 0 only, once
     assert not list(tmp_path.glob("*.tmp"))
 
 
