@@ -46,9 +46,11 @@ class Job:
             port = str(29600 + os.getpid() % 300)
             fake = out / "bin"  # a stand-in scontrol records the requeue (never requeue a real job)
             fake.mkdir()
-            (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {out / "scontrol.txt"}\n')
+            record = out / "scontrol.txt"
+            (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
             (fake / "scontrol").chmod(0o755)
-            common = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_NTASKS": str(slurm), "SLURM_NTASKS_PER_NODE": str(slurm),
+            common = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
+                      "SLURM_NTASKS": str(slurm), "SLURM_NTASKS_PER_NODE": str(slurm),
                       "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
                       "SLURM_JOB_NAME": "paci-test", "SLURM_NODELIST": "127.0.0.1",
                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
