@@ -15,6 +15,15 @@ parameters live on the meta device (no memory) and their forward computes only o
 Out-of-order use is caught, not silently miscomputed: a hollow unit called after the prefix ended
 (a module reused later in forward, e.g. tied weights) or an owned unit fed meta tensors raises a
 ``PartitionError`` that names the module and suggests split_points.
+
+Meta tensors must never reach real compute: torch runs ``cpu_tensor @ meta_tensor`` and returns
+garbage on the CPU, without an error. So hollow parameters and buffers, and what hollow units
+return, are *marked* tensors (``_Marked`` subclasses, still on meta). Torch calls them only when
+they take part, i.e. in the prefix (shape inference) or by mistake: the stage's own compute pays
+nothing. Outside the prefix an op mixing a marked tensor with a real one raises a
+``PartitionError`` naming the parameter or module it came from (``x @ emb.weight.T`` with the
+embedding on another stage: weight tying inside the forward); ops on marked tensors alone
+(``.T``, ``.is_meta``, ``state_dict``) stay allowed and keep the mark.
 """
 
 from __future__ import annotations
@@ -38,6 +47,47 @@ class StageOutput(Exception):
     def __init__(self, tensors: list[Tensor]) -> None:
         super().__init__("stage output")
         self.tensors = tensors
+
+
+class _Marked:
+    """A meta tensor held for another stage; ``_origin`` says where it comes from."""
+
+    _origin: str | None = None
+    _view: StageView | None = None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+        kwargs = kwargs or {}
+        flat, _ = tree_flatten((args, kwargs))
+        with torch._C.DisableTorchFunctionSubclass():
+            marked = next((t for t in flat if isinstance(t, _Marked) and t._view is not None), None)
+            if marked is not None and not marked._view.prefix.active and any(
+                    isinstance(t, Tensor) and not t.is_meta for t in flat):
+                raise marked._view.meta_reached_compute(marked._origin, func)
+            out = func(*args, **kwargs)
+        if marked is None:
+            return out
+        inputs = {id(t) for t in flat}  # in-place ops return an input: keep it as it is
+        leaves, spec = tree_flatten(out)
+        return tree_unflatten([_mark(t, marked._origin, marked._view)
+                               if isinstance(t, Tensor) and id(t) not in inputs else t for t in leaves], spec)
+
+
+class _MarkedTensor(_Marked, Tensor):
+    pass
+
+
+class _MarkedParameter(_Marked, nn.Parameter):
+    pass
+
+
+def _mark(t: Tensor, origin: str, view: StageView) -> Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        if not t.is_meta:
+            return t
+        marked = t.as_subclass(_MarkedTensor)
+    marked._origin, marked._view = origin, view
+    return marked
 
 
 def _to_meta(tree: Any) -> Any:
@@ -120,9 +170,31 @@ class StageView:
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
                 module.to("meta")
+                self._mark_tensors(name, s, module)
                 module.forward = self._hollow_forward(name, s, module.forward)
                 if name == self.exit:
                     self._handles.append(module.register_forward_pre_hook(self._leave, with_kwargs=True))
+
+    def _mark_tensors(self, name: str, owner: int, module: nn.Module) -> None:
+        """Swap the hollow unit's (meta) parameters and buffers for marked ones."""
+        for sub_name, sub in module.named_modules(prefix=name):
+            for key, p in list(sub._parameters.items()):
+                if p is not None and not isinstance(p, _Marked):
+                    marked = _MarkedParameter(p.data, requires_grad=p.requires_grad)
+                    marked._origin, marked._view = f"parameter {sub_name}.{key} (stage {owner})", self
+                    sub._parameters[key] = marked
+            for key, b in list(sub._buffers.items()):
+                if b is not None and not isinstance(b, _Marked):
+                    sub._buffers[key] = _mark(b, f"buffer {sub_name}.{key} (stage {owner})", self)
+
+    def meta_reached_compute(self, origin: str | None, func: Any) -> PartitionError:
+        op = getattr(func, "__name__", str(func))
+        return PartitionError(
+            f"{origin}, held by another stage's process (here a meta tensor without values), reached "
+            f"real compute ({op}) on stage {self.stage}: the forward uses it outside the module that owns "
+            "it, e.g. weight tying inside the forward (x @ emb.weight.T) or a tensor computed by another "
+            "stage's module used after this stage began. Untie it (give this stage its own copy), or pass "
+            "split_points that keep its uses on one stage")
 
     def run(self, fn: Callable[[], Any], received: list[Tensor]) -> tuple[Any, list[Tensor] | None]:
         """Run one micro-batch of user code; returns (its result, None) or (None, tensors to send)."""
@@ -195,11 +267,14 @@ class StageView:
                     "one stage")
             flat, _ = tree_flatten((args, kwargs))
             key = _signature(self._modules[name].training, flat)
-            if key is None:
+            if key is None or key not in cache:  # shape inference once per input signature
                 with torch.no_grad():
-                    return forward(*_to_meta(args), **_to_meta(kwargs))
-            if key not in cache:  # shape inference once per input signature
-                with torch.no_grad():
-                    cache[key] = forward(*_to_meta(args), **_to_meta(kwargs))
+                    out = forward(*_to_meta(args), **_to_meta(kwargs))
+                leaves, spec = tree_flatten(out)
+                out = tree_unflatten([_mark(t, f"the output of {name} (stage {owner})", self)
+                                      if isinstance(t, Tensor) else t for t in leaves], spec)
+                if key is None:
+                    return out
+                cache[key] = out
             return cache[key]
         return hollow

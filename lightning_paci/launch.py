@@ -3,7 +3,9 @@
 - The launchers run the strategy's input checks in the main process before any stage process
   starts (bad input fails there, with one message), and the multiprocessing one hands the main
   process the whole trained model and the pipeline telemetry, not rank 0's stage only.
-- The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by a local check, and a
+- The popen launcher ends every stage process it started when the job fails (a stage stuck in its
+  step never notices on its own), and a started stage ends itself if rank 0's process is gone.
+- The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by signals.py's check, and a
   callback makes the last stage's metrics visible on every stage at epoch and validation ends and
   before a ModelCheckpoint compares a metric at a training step. Callbacks that would issue a
   collective after every training batch are refused (``check_callbacks``). Values logged in
@@ -18,7 +20,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,24 +40,22 @@ from typing_extensions import override
 
 from lightning_paci.materialize import has_meta_tensors
 
+_LAUNCHER_PID = "LIGHTNING_PACI_LAUNCHER_PID"  # set by rank 0 for the stage processes it starts
+
 if TYPE_CHECKING:
+    from lightning_paci.signals import PipelineSignals
     from lightning_paci.strategy import PACIStrategy
 
 
-def drop_per_batch_sigterm_broadcast(trainer: Trainer) -> None:
+def drop_per_batch_sigterm_broadcast(trainer: Trainer, signals: PipelineSignals) -> None:
     """Lightning 2.6 broadcasts rank 0's SIGTERM flag before every training batch: a collective that
     makes all stages wait for each other once per batch and brings a bubble back (measured: PACI's
     speed-up over 1F1B-flush fell from 1.24 to 1.07, recipes/benchmark.py). Each stage checks its own
-    flag instead; a stage that stops on SIGTERM ends its neighbours through the pipeline links."""
+    requests instead; signals.py agrees on the batch to stop at without a collective."""
     loop = trainer.fit_loop.epoch_loop
     if not hasattr(loop, "_broadcast_sigterm_tensor"):
         return  # another Lightning version: nothing to replace
-
-    def check_locally() -> None:
-        if trainer.received_sigterm:
-            raise SIGTERMException()
-
-    loop._broadcast_sigterm_tensor = check_locally
+    loop._broadcast_sigterm_tensor = signals.at_batch_start
 
 
 def drain_before_validation(trainer: Trainer, drain: Callable[[], None]) -> None:
@@ -134,6 +138,7 @@ class PipelineSync(Callback):
         # Lightning runs the module's on_train_epoch_end after the other callbacks' and before the
         # monitoring ones (EarlyStopping, ModelCheckpoint): copy the metrics right after it, so what
         # the module logs in that hook reaches them too.
+        self.strategy.check_loader(trainer, trainer.train_dataloader)  # loaders of a datamodule exist now
         user_hook = pl_module.on_train_epoch_end
 
         def then_sync() -> None:
@@ -152,17 +157,68 @@ class PipelineSync(Callback):
         pl_module.__dict__.pop("on_train_epoch_end", None)  # on_train_start's wrapper
 
 
+
 class _ChecksBeforeLaunch:
-    check: Callable[[Trainer], None]
+    check: Callable[[Trainer, tuple], None]  # given the arguments of fit/validate/... (loaders among them)
 
     def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
         if trainer is not None:
-            self.check(trainer)
+            self.check(trainer, args)
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
 
 class CheckedScriptLauncher(_ChecksBeforeLaunch, _SubprocessScriptLauncher):
-    pass
+    """Lightning's popen launcher (rank 0 re-runs the script for ranks 1..), plus: when the job fails,
+    every stage process it started ends. Rank 0 kills the ones still running once its own run has
+    failed (a stage stuck in its step never notices on its own), and each started stage ends itself
+    if rank 0's process disappears while a run is in progress (rank 0 killed)."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        watchdog = None
+        if not self.cluster_environment.creates_processes_externally:
+            os.environ[_LAUNCHER_PID] = str(os.getpid())  # the stage processes it starts inherit it
+        elif os.environ.get(_LAUNCHER_PID) == str(os.getppid()):  # a stage process this launcher started
+            watchdog = _ParentWatchdog(os.getppid())
+            watchdog.start()
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except BaseException as error:
+            # SIGTERM: every stage stops at the same batch and exits by itself (signals.py); otherwise a
+            # stage blocked on this process or stuck in its step would outlive the job.
+            self._end_stage_processes(grace_s=10.0 if isinstance(error, SIGTERMException) else 1.0)
+            raise
+        finally:
+            if watchdog is not None:
+                watchdog.done.set()
+
+    def _end_stage_processes(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        for rank, proc in enumerate(self.procs, start=1):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"lightning_paci: the job failed; ending rank {rank} (pid {proc.pid}), still running",
+                      file=sys.stderr, flush=True)
+                proc.kill()
+                proc.wait()
+
+
+class _ParentWatchdog(threading.Thread):
+    """In a stage process started by CheckedScriptLauncher: exit if rank 0's process is gone for
+    ``grace_s`` while the run still goes on (after a normal end rank 0 may exit first: no harm)."""
+
+    def __init__(self, parent: int, grace_s: float = 2.0) -> None:
+        super().__init__(daemon=True, name="lightning_paci-parent-watchdog")
+        self.parent, self.grace_s, self.done = parent, grace_s, threading.Event()
+
+    @override
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            if os.getppid() != self.parent and not self.done.wait(self.grace_s):
+                print(f"lightning_paci: rank 0 (pid {self.parent}) is gone and this stage's run goes on; "
+                      f"ending this stage process (pid {os.getpid()})", file=sys.stderr, flush=True)
+                os._exit(1)
 
 
 class CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLauncher):

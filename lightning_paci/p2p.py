@@ -130,6 +130,17 @@ class FailureWatch(threading.Thread):
             os._exit(1)
 
 
+def _silent_neighbour(error: Exception, timeout_s: float | None) -> str:
+    """What a failed wait means when no stage left a failure note."""
+    if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+        limit = f"{timeout_s:g} s (timeout_s)" if timeout_s is not None else "the process group's timeout"
+        return (f"the neighbour stopped answering: nothing came for {limit}. It raised no error of its own: "
+                "it is stuck (a hang in its step, a deadlock, a stalled device) or was stopped; the job ends "
+                "and its stage processes are ended with it")
+    return ("the neighbour's process ended without leaving a failure note (killed, or it exited); "
+            f"its own output says why ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})")
+
+
 def boundary_groups(rank_of_stage: list[int], timeout: timedelta | None = None,
                     host_headers: bool = False) -> list[tuple[Any, Any, Any]]:
     """``(activations, gradients, headers)`` process groups of every stage boundary (stage b -> b+1).
@@ -160,8 +171,10 @@ class StageLink:
     """
 
     def __init__(self, stage: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
-                 groups: list[tuple[Any, Any, Any]] | None = None, staged: bool = False) -> None:
+                 groups: list[tuple[Any, Any, Any]] | None = None, staged: bool = False,
+                 timeout_s: float | None = None) -> None:
         self.stage, self.prev_rank, self.next_rank = stage, prev_rank, next_rank
+        self.timeout_s = timeout_s
         self.device = device
         self._wire = torch.device("cpu") if staged else device  # where message tensors live
         # (activations, gradients, headers) groups of the boundary in front of this stage and after it
@@ -316,8 +329,7 @@ class StageLink:
         try:
             work.wait()
         except Exception as error:
-            note = failure_note()
-            cause = note or "the neighbour exited or stopped answering (see its own error)"
+            cause = failure_note() or _silent_neighbour(error, self.timeout_s)
             raise PipelineError(f"stage {self.stage} lost its pipeline neighbour while {what}: {cause}") from error
         finally:
             self.waits.append((start, self.clock.mark(), kind))

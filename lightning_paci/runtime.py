@@ -28,6 +28,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -171,6 +172,7 @@ class StageRuntime:
         self._losses: list[Tensor] = []
         self._output: Any = None
         self._log = LogCapture(module, self.last)
+        self._nonfinite_seen = False
         # telemetry
         self.drift = Counter()
         self.peak_in_flight = 0
@@ -198,6 +200,7 @@ class StageRuntime:
         if closes_window:
             self._closing.add(k)
         start = self._last_end if self._last_end is not None else self.clock.mark()
+        steps_before = self.version
         self._micro = split_batch(batch, m, exact=True)
         self._first, self._batch_idx, self._losses, self._output = k * m, batch_idx, [], None
         if self.hooks is not None:
@@ -214,10 +217,24 @@ class StageRuntime:
         if len(self._unsettled) >= _SETTLE_EVERY:
             self._settle(block=False)
         self._log.flush()
+        if self.last and not self._nonfinite_seen:
+            self._report_nonfinite(batch_idx, steps_before)
         loss = torch.stack(self._losses).mean() if self._losses else torch.tensor(float("nan"))
         if isinstance(self._output, dict):
             return {**self._output, "loss": loss}
         return loss
+
+    def _report_nonfinite(self, batch_idx: int, steps_before: int) -> None:
+        """Say once, where it first happens, that a non-finite loss entered the pipeline (one host sync
+        per batch on the last stage): its gradients reach every stage and nothing skips them."""
+        losses = torch.stack(self._losses)
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if bad:
+            self._nonfinite_seen = True
+            rank_zero_warn(f"lightning_paci: stage {self.stage} computed a non-finite loss "
+                           f"({losses[bad[0]].item()}) for micro-batch {self._first + bad[0]} (batch_idx "
+                           f"{batch_idx}, after {steps_before} optimizer steps of this stage); its gradients "
+                           "reach every stage, and each stage's next step makes its weights non-finite")
 
     def drain(self) -> None:
         """Finish every backward in flight, with the steps of the windows that ended: all stages then

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
+from lightning_paci.checks import check_last_batch, check_lr_schedulers, warn_if_schedule_changed
 from lightning_paci.hollow import StageView
 from lightning_paci.hooks import StageHooks, send_to_rank_zero
 from lightning_paci.launch import (
@@ -55,6 +56,7 @@ from lightning_paci.partition import PARTITIONS, Partition, partition_model
 from lightning_paci.plan import drift_bound
 from lightning_paci.runtime import StageRuntime
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
+from lightning_paci.signals import PipelineSignals
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
 
@@ -129,6 +131,7 @@ class PACIStrategy(ParallelStrategy):
         self._view: StageView | None = None
         self._boundary_groups: list[tuple[Any, Any, Any]] | None = None
         self._failure_watch: FailureWatch | None = None
+        self._signals: PipelineSignals | None = None
         self.partition: Partition | None = None
         self.runtime: StageRuntime | None = None
         self._closes_window = False  # set while Lightning's optimizer_step runs this batch
@@ -198,7 +201,7 @@ class PACIStrategy(ParallelStrategy):
             self._launcher = CheckedMultiprocessingLauncher(self, start_method=self._start_method)
         self._launcher.check = self._check_before_launch
 
-    def _check_before_launch(self, trainer: Trainer) -> None:
+    def _check_before_launch(self, trainer: Trainer, args: tuple = ()) -> None:
         """Every mistake that can be seen from the main process fails here, before ranks start."""
         devices = self.num_processes * self.num_nodes
         if self.stages is not None and self.stages != devices:
@@ -218,6 +221,12 @@ class PACIStrategy(ParallelStrategy):
         if is_overridden("configure_model", module) and not any(True for _ in module.parameters()):
             return  # the layers come in configure_model, inside each stage process: split them there
         self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        if trainer.state.fn == TrainerFn.FITTING and len(args) > 1:
+            self.check_loader(trainer, args[1])  # fit(model, train_dataloaders, ...)
+
+    def check_loader(self, trainer: Trainer, loader: Any) -> None:
+        check_last_batch(loader, self.micro_batches, trainer.max_steps, trainer.accumulate_grad_batches,
+                         trainer.limit_train_batches)
 
     def _check_module(self, module: LightningModule, trainer: Trainer) -> None:
         if not module.automatic_optimization:
@@ -305,7 +314,8 @@ class PACIStrategy(ParallelStrategy):
         self._build_runtime(trainer)
         if not any(isinstance(c, PipelineSync) for c in trainer.callbacks):
             trainer.callbacks.insert(0, PipelineSync(self))
-        drop_per_batch_sigterm_broadcast(trainer)
+        self._signals = PipelineSignals(trainer, self)  # before Lightning registers its signal handlers
+        drop_per_batch_sigterm_broadcast(trainer, self._signals)
         drain_before_validation(trainer, self.drain)
         if trainer.state.fn == TrainerFn.PREDICTING and self.stage != self.n_stages - 1:
             drop_prediction_writers(trainer)
@@ -334,11 +344,7 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"configure_optimizers returned {count} optimizers; a pipeline stage steps "
                              "exactly one (put all parameters in one optimizer, with param groups if they "
                              "need different settings)")
-        for config in self.lr_scheduler_configs:
-            if config.interval != "step" or config.reduce_on_plateau:
-                plateau = " with ReduceLROnPlateau" if config.reduce_on_plateau else ""
-                raise ValueError("LR schedulers must use interval='step' (each stage steps its scheduler "
-                                 f"with its own optimizer); got interval={config.interval!r}{plateau}")
+        check_lr_schedulers(self.lr_scheduler_configs)
         # Each stage steps its own schedulers where the plan says; Lightning must not step them too.
         self._schedulers, self.lr_scheduler_configs = self.lr_scheduler_configs, []
         self._aliases = _alias_parameters(self.optimizers[0])
@@ -348,7 +354,8 @@ class PACIStrategy(ParallelStrategy):
         link = StageLink(self.stage, prev_rank=rank + 1 if self.stage > 0 else None,
                          next_rank=rank - 1 if self.stage < self.n_stages - 1 else None,
                          device=self.root_device, groups=self._boundary_groups,
-                         staged=self.root_device.type != "cpu" and self._process_group_backend == "gloo")
+                         staged=self.root_device.type != "cpu" and self._process_group_backend == "gloo",
+                         timeout_s=self._timeout.total_seconds())
         fitting = trainer.state.fn == TrainerFn.FITTING
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
         self.runtime = StageRuntime(
@@ -424,6 +431,8 @@ class PACIStrategy(ParallelStrategy):
         self.drain()
         self.send_hook_logs()
         self.publish_telemetry()
+        if self._signals is not None:
+            self._signals.at_train_end()
 
     def drain(self) -> None:
         if self.runtime is not None:
@@ -532,6 +541,7 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"{path} was saved by {saved['n_stages']} stages split as {saved['units']}; "
                              f"this run has {layout['n_stages']} stages split as {layout['units']}. Resume "
                              "with the same stages/split_points (resharding comes in a later release)")
+        warn_if_schedule_changed(path, saved, layout)
         optimizer = self.optimizers[0] if self.optimizers else None
         stage_state = checkpoint.load(path, self.stage, self.lightning_module, optimizer, self._names(),
                                       weights_only)

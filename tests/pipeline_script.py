@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -124,6 +125,18 @@ def _kill_at_swap(n: int) -> None:
     Path.rename = renaming
 
 
+class _Running(L.Callback):
+    """Writes ``pid_rank<r>`` once training runs, so a test knows whom to signal, and when."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        path = self.out / f"pid_rank{trainer.global_rank}"
+        if not path.exists():
+            path.write_text(str(os.getpid()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
@@ -144,6 +157,8 @@ def main() -> None:
     parser.add_argument("--logger", action="store_true")
     parser.add_argument("--fail-unit", default=None)
     parser.add_argument("--fail-step", type=int, default=0)
+    parser.add_argument("--nan-step", type=int, default=-1, help="the logits turn NaN at this global step")
+    parser.add_argument("--hang", action="store_true", help="--fail-unit sleeps an hour instead of raising")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--start-method", default="popen")
     parser.add_argument("--by-name", action="store_true", help='strategy="paci" etc. from the registry')
@@ -165,6 +180,10 @@ def main() -> None:
     parser.add_argument("--record-batches", action="store_true", help="write each rank's batch sums")
     parser.add_argument("--count-collectives", action="store_true",
                         help="count torch.distributed collectives issued inside training batches")
+    parser.add_argument("--slow-ms", type=float, default=0.0,
+                        help="every block sleeps this long per real forward (signals then land mid-action)")
+    parser.add_argument("--root-dir", default=None, help="Trainer(default_root_dir=...)")
+    parser.add_argument("--pid-files", action="store_true", help="write pid_rank<r> once training runs")
     parser.add_argument("--nccl-order", action="store_true",
                         help="run isend/irecv under NCCL's ordering rules (tests/nccl_order.py)")
     parser.add_argument("--shared-group", action="store_true",
@@ -215,8 +234,21 @@ def main() -> None:
     if args.fail_unit:
         def fail(module, inputs):
             if not inputs[0].is_meta and model.trainer.global_step == args.fail_step:
+                if args.hang:
+                    time.sleep(3600)
                 raise RuntimeError(f"injected failure in {args.fail_unit}")
         model.get_submodule(args.fail_unit).register_forward_pre_hook(fail)
+    if args.nan_step >= 0:
+        def nan(module, inputs, output):
+            if not output.is_meta and model.trainer.global_step == args.nan_step:
+                return output * float("nan")
+        model.model.lm_head.register_forward_hook(nan)
+    if args.slow_ms:
+        def slow(module, inputs):
+            if not inputs[0].is_meta:
+                time.sleep(args.slow_ms / 1000)
+        for block in model.model.transformer.h:
+            block.register_forward_pre_hook(slow)
     if args.by_name:
         import lightning_paci  # noqa: F401  (registers "paci", "pipe_1f1b", "pipe_gpipe")
         strategy = {"paci": "paci", "1f1b": "pipe_1f1b", "gpipe": "pipe_gpipe"}[args.schedule]
@@ -234,8 +266,11 @@ def main() -> None:
         callbacks.append(_BatchRecorder())
     if args.record_hooks:
         callbacks.append(_WeightsAtHooks())
+    if args.pid_files:
+        callbacks.append(_Running(out))
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1 if args.shared_device else args.stages, strategy=strategy, max_steps=args.steps, callbacks=callbacks,
+        accelerator=args.accelerator, devices=1 if args.shared_device else args.stages, strategy=strategy,
+        max_steps=args.steps, callbacks=callbacks, default_root_dir=args.root_dir,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False, max_epochs=-1,
         # As with DDP, Lightning's sampler shuffles training data; the references read it in order.
