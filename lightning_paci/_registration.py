@@ -1,16 +1,15 @@
 """Registering ``"paci"``, ``"pipe_1f1b"`` and ``"pipe_gpipe"`` with Lightning without importing it first.
 
 Lightning 2.6 fills its ``StrategyRegistry`` only from its own modules, so the names exist once
-``lightning_paci.strategy`` has run (it registers them at its end). ``import lightning_paci`` must make
-that happen, yet ``import lightning_paci.simulate`` (which runs the package's ``__init__`` first) must not
-load torch. So: if ``lightning.pytorch`` is loaded already, import the strategy now; otherwise a finder on
-``sys.meta_path`` waits for ``lightning.pytorch`` and imports the strategy right after that module has
-run, before any ``Trainer(strategy="paci")`` can look the name up.
+``lightning_paci.strategy`` has run (it registers them at its end) or something registers them for it.
+``import lightning_paci`` must make that happen, yet ``import lightning_paci.simulate`` (which runs the
+package's ``__init__`` first) must not load torch. So: if ``lightning.pytorch`` is loaded already,
+register now; otherwise a finder on ``sys.meta_path`` waits for ``lightning.pytorch`` and registers
+right after that module has run, before any ``Trainer(strategy="paci")`` can look the name up.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -21,10 +20,32 @@ LIGHTNING = "lightning.pytorch"
 STRATEGY_MODULE = "lightning_paci.strategy"
 
 
+def _make_strategy(**params: Any) -> Any:
+    from lightning_paci.strategy import PACIStrategy
+
+    return PACIStrategy(**params)
+
+
 def _import_strategy() -> None:
-    # Already importing (e.g. a spawned worker unpickling PACIStrategy): it registers itself at its end.
-    if STRATEGY_MODULE not in sys.modules:
-        importlib.import_module(STRATEGY_MODULE)
+    """Register the names now, with a factory that imports the strategy module when a Trainer asks for
+    one: importing it here could meet a lightning_paci module still half-imported (``import
+    lightning_paci.runtime`` loads Lightning, whose loading brings us here, and the strategy imports
+    the runtime). ``lightning_paci.strategy`` registers its class under the same names at its end."""
+    if STRATEGY_MODULE in sys.modules:
+        return  # it registers itself at its end
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lightning_paci.schedules import STRATEGY_NAMES
+
+    for schedule, name in STRATEGY_NAMES.items():
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(name, _make_strategy, description=f"pipeline parallel, {schedule} schedule",
+                                      schedule=schedule)
+    try:  # MyModule.load_from_checkpoint(<pipeline checkpoint>) says what to do (strategy.py does it too)
+        from lightning_paci.checkpoint import explain_directory_loads
+    except ImportError:  # lightning_paci.checkpoint itself is half-imported: the strategy will do it
+        return
+    explain_directory_loads()
 
 
 class _ThenImportStrategy(importlib.abc.Loader):

@@ -329,7 +329,11 @@ class StageLink:
         try:
             work.wait()
         except Exception as error:
-            cause = failure_note() or _silent_neighbour(error, self.timeout_s)
-            raise PipelineError(f"stage {self.stage} lost its pipeline neighbour while {what}: {cause}") from error
+            note = failure_note()
+            message = (f"stage {self.stage} lost its pipeline neighbour while {what}: "
+                       f"{note or _silent_neighbour(error, self.timeout_s)}")
+            if note is None:  # the first to know: stages busy elsewhere learn it from the note (FailureWatch)
+                report_failure(message)
+            raise PipelineError(message) from error
         finally:
             self.waits.append((start, self.clock.mark(), kind))

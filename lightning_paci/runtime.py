@@ -173,6 +173,7 @@ class StageRuntime:
         self._output: Any = None
         self._log = LogCapture(module, self.last)
         self._nonfinite_seen = False
+        self._unchecked: list[tuple[Tensor, Tensor, int, int, str]] = []  # fingerprints not yet compared
         # telemetry
         self.drift = Counter()
         self.peak_in_flight = 0
@@ -216,6 +217,7 @@ class StageRuntime:
         self._unsettled_wall.append((start, self._last_end, self.link.take_waits()))
         if len(self._unsettled) >= _SETTLE_EVERY:
             self._settle(block=False)
+        self._check_fingerprints()
         self._log.flush()
         if self.last and not self._nonfinite_seen:
             self._report_nonfinite(batch_idx, steps_before)
@@ -278,6 +280,7 @@ class StageRuntime:
                 if out is not None:
                     self.link.send_activations(out, mine)
                 results.append((result, self._log.weight))
+        self._check_fingerprints()
         self._log.weight = 1
         self._log.flush()
         self.link.take_waits()  # evaluation is not training time: its waits stay out of telemetry
@@ -351,8 +354,25 @@ class StageRuntime:
         if self.stage == 0:
             return [], mine
         received, theirs = self.link.recv_activations()
-        check_fingerprint(mine, theirs, self.stage, batch_idx, index, what)
+        self._unchecked.append((mine, theirs, batch_idx, index, what))
+        if self.device.type == "cpu":
+            self._check_fingerprints()
         return received, mine
+
+    def _check_fingerprints(self) -> None:
+        """Compare the fingerprints received so far with this stage's own. On CPU after every receive;
+        on a GPU once per batch (one device sync for all its micro-batches, none per message)."""
+        if not self._unchecked:
+            return
+        pending, self._unchecked = self._unchecked, []
+        differ = torch.stack([~torch.isclose(m, t, rtol=1e-9, atol=1e-9).all() for m, t, *_ in pending])
+        if bool(differ.any()):
+            mine, theirs, batch_idx, index, what = pending[int(differ.nonzero()[0, 0])]
+            try:
+                check_fingerprint(mine, theirs, self.stage, batch_idx, index, what)
+            except ValueError as error:
+                report_failure(f"stage {self.stage}: {error}")
+                raise
 
     def _forward(self, j: int) -> None:
         part = self._micro[j - self._first]

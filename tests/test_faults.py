@@ -184,6 +184,23 @@ def test_hung_stage_is_named_as_silent_and_does_not_outlive_the_job(job):
     assert time.monotonic() - start < 30
 
 
+def test_a_stage_busy_in_its_own_compute_ends_when_another_stage_fails(job):
+    """Started as srun does (no launcher that could kill anyone): the last stage (rank 0) hangs in its
+    own compute, where no receive can fail. Stage 0 gives up at timeout_s and leaves a failure note;
+    the hung stage's FailureWatch reads it and ends that process, quoting it: on NCCL, where a wait
+    does not block the host, this is how a stage blocked in a device sync learns of a failure."""
+    j = job("--schedule", "paci", "--steps", "50", "--fail-unit", "model.transformer.h.3", "--fail-step", "3",
+            "--hang", "--timeout", "8", slurm=2)
+    hung = j.pid(0)
+    start = time.monotonic()
+    _ended_within(j, 45)
+    out = j.output()
+    assert "stage 1 ends because another stage failed 5 s ago" in out, out[-3000:]
+    assert "the neighbour stopped answering: nothing came for 8 s (timeout_s)" in out, out[-3000:]
+    assert not Path(f"/proc/{hung}").exists()
+    assert time.monotonic() - start < 35
+
+
 # -- 5. meta tensors never reach real compute -----------------------------------------------------------
 class _TiedInForward(TinyGPT):
     """Weight tying written in the forward: the head reuses the stage-0 embedding's weight."""
