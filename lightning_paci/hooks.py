@@ -71,7 +71,8 @@ class StageHooks:
                 value = value.item()
             if not isinstance(value, (int, float)):
                 raise ValueError(f"self.log({name!r}, ...) in a backward or optimizer-step hook on pipeline stage "
-                                 f"{self.stage} logs a {type(value).__name__}; only scalars travel to the logger's "
+                                 f"{self.stage} logs a {type(value).__name__}; only scalars travel to the "
+                                 "logger's "
                                  "process from there (log a float or a one-element tensor)")
             if (step + 1) % self.log_every_n_steps == 0:  # thinned as Lightning thins step logs
                 self.pending.append((step, name, float(value)))

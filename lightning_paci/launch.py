@@ -226,7 +226,8 @@ class CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLaunch
     stage only."""
 
     @override
-    def _wrapping_function(self, process_idx: int, trainer: Trainer | None, function: Callable, *args: Any) -> None:
+    def _wrapping_function(self, process_idx: int, trainer: Trainer | None, function: Callable,
+                           *args: Any) -> None:
         if trainer is not None and trainer.state.fn == TrainerFn.PREDICTING:
             function = _returning_predictions(trainer, function)
         super()._wrapping_function(process_idx, trainer, function, *args)

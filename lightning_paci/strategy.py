@@ -441,7 +441,8 @@ class PACIStrategy(ParallelStrategy):
     def send_hook_logs(self) -> None:
         """Values logged in backward/step hooks off rank 0 reach its loggers (hooks.py; a collective)."""
         if self.runtime is not None:
-            send_to_rank_zero(self.runtime.hooks, self.stage, self.n_stages - 1, self.lightning_module.trainer.loggers)
+            send_to_rank_zero(self.runtime.hooks, self.stage, self.n_stages - 1,
+                              self.lightning_module.trainer.loggers)
 
     def publish_telemetry(self) -> None:
         """Gather every stage's telemetry on rank 0 (a drain point: no bubble to cost) and log it."""

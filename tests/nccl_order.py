@@ -33,7 +33,8 @@ class _Work:
     def wait(self, timeout: Any = None) -> bool:
         if not self._done.wait(self.timeout_s):
             raise RuntimeError(f"emulated NCCL order: {self.what} did not complete in {self.timeout_s:.0f} s "
-                               "(operations of one process group and rank pair run one at a time, in posted order)")
+                               "(operations of one process group and rank pair run one at a time, "
+                               "in posted order)")
         if self._error is not None:
             raise RuntimeError(f"emulated NCCL order: {self.what} failed") from self._error
         return True
@@ -52,7 +53,8 @@ class _PairStreams:
     def submit(self, op: Callable, tensor: Any, peer: int, group: Any, verb: str) -> _Work:
         me = dist.get_rank()
         key = (id(group) if group is not None else None, min(me, peer), max(me, peer))
-        work = _Work(f"{verb} {tuple(tensor.shape)} {'to' if verb == 'send' else 'from'} rank {peer}", self.timeout_s)
+        direction = "to" if verb == "send" else "from"
+        work = _Work(f"{verb} {tuple(tensor.shape)} {direction} rank {peer}", self.timeout_s)
         with self.lock:
             self.posted.append(work.what)
             if key not in self.queues:

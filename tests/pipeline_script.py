@@ -224,7 +224,8 @@ def main() -> None:
         lightning_paci.runtime._SETTLE_EVERY = 4  # settle often, while the newest marks are incomplete
     if not args.unseeded_shuffle:
         L.seed_everything(0, verbose=False)
-    module_class = TwoOptimizers if args.two_optimizers else LitMeta if args.meta_init else RandomMasking if args.masking else LitTiny
+    module_class = (TwoOptimizers if args.two_optimizers else LitMeta if args.meta_init
+                    else RandomMasking if args.masking else LitTiny)
     model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
                     sched=args.sched, dropout=args.dropout, **({"extras": True} if args.extras else {}))
     if args.save_hparams:
@@ -300,7 +301,8 @@ def main() -> None:
         stage = "all"
     else:
         stage = strategy.stage
-        torch.save({k: v.cpu() for k, v in strategy.lightning_module_state_dict().items()}, out / f"stage{stage}.pt")
+        own = {k: v.cpu() for k, v in strategy.lightning_module_state_dict().items()}
+        torch.save(own, out / f"stage{stage}.pt")
     if trainer.global_rank == 0:
         # After forked workers Lightning restores trainer.state, not loop progress, in the main process.
         global_step = trainer.global_step if args.start_method == "popen" else None
