@@ -34,7 +34,8 @@ class HookedTiny(LitTiny):
         self.calls: list = []
 
     def _own_grad_norms(self) -> dict[str, float]:
-        return {n: p.grad.norm().item() for n, p in self.named_parameters() if p.grad is not None and not p.is_meta}
+        return {n: p.grad.norm().item() for n, p in self.named_parameters()
+                if p.grad is not None and not p.is_meta}
 
     def on_before_backward(self, loss) -> None:
         self.calls.append(["on_before_backward", loss.item()])

@@ -113,7 +113,8 @@ def test_validate_accepts_hand_written_plan() -> None:
     (("F0 B1 F1 B0 S", "F0 B0 F1 B1 S"), "in order"),                  # backwards out of order
     (("F0 B0 F1 B1 S", "F0 B0 B1 F1 S"), "precedes its forward"),      # B before F
     (("F0 F1 B0 B1 S", "F0 B0 S"), "cover micro-batches"),             # micro-batch missing
-    (("F0 B0 F1 B1 S", "F0 F1 B0 B1 S"), r"(?s)deadlock under gloo's rules.*stage 0 waits at wG0.*stage 1 waits at wA1"),  # both stages wait
+    (("F0 B0 F1 B1 S", "F0 F1 B0 B1 S"),  # both stages wait
+     r"(?s)deadlock under gloo's rules.*stage 0 waits at wG0.*stage 1 waits at wA1"),
 ])
 def test_validate_rejects(stages: tuple[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
