@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -47,6 +49,59 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[i
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
     state = {index[n]: s for n, s in saved["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def parameter_names(module: nn.Module, aliases: list[tuple[nn.Parameter, nn.Parameter]]) -> dict[int, str]:
+    """Optimizer alias (by id) -> the user's parameter name (runtime.alias_parameters makes the aliases)."""
+    named = {id(p): n for n, p in module.named_parameters()}
+    return {id(alias): named[id(param)] for param, alias in aliases}
+
+
+def save_stage(path: Path, stage: int, rank: int, checkpoint: dict[str, Any], layout: dict[str, Any],
+               schedulers: list[Any], version: int, barrier: Any) -> None:
+    """Collective: write Lightning's ``checkpoint`` dict, every stage its own share (see ``save``)."""
+    model_state = checkpoint.pop("state_dict")
+    optimizer_states = checkpoint.pop("optimizer_states", None)
+    meta = {**checkpoint, "pipeline": layout}
+    stage_state = {"schedulers": [c.scheduler.state_dict() for c in schedulers], "version": version}
+    save(path, stage, rank, model_state, optimizer_states[0] if optimizer_states else None, stage_state, meta,
+         barrier)
+
+
+def load_stage(path: Path, stage: int, layout: dict[str, Any], module: nn.Module,
+               optimizer: torch.optim.Optimizer | None, names: dict[int, str], schedulers: list[Any],
+               weights_only: bool | None = None) -> tuple[dict[str, Any], int]:
+    """Load this stage's share in place (model, optimizer, schedulers); returns Lightning's dict without
+    tensors and the stage's optimizer version. The layout must match the one saved."""
+    meta = read_meta(path, weights_only)
+    saved = meta.pop("pipeline")
+    check_layout(path, saved, layout)
+    stage_state = load(path, stage, module, optimizer, names, weights_only)
+    for config, state in zip(schedulers, stage_state["schedulers"]):
+        config.scheduler.load_state_dict(state)
+    return meta, stage_state["version"]
+
+
+def check_layout(path: Any, saved: dict[str, Any], layout: dict[str, Any]) -> None:
+    """Resume only with the stages and split saved; warn when the schedule changed."""
+    if saved["n_stages"] != layout["n_stages"] or saved["units"] != layout["units"]:
+        raise ValueError(f"{path} was saved by {saved['n_stages']} stages split as {saved['units']}; this run "
+                         f"has {layout['n_stages']} stages split as {layout['units']}. Resume with the same "
+                         "stages/split_points (resharding comes in a later release)")
+    if saved.get("schedule") != layout["schedule"]:
+        rank_zero_warn(f"{path} was saved by a {saved.get('schedule')!r} run and this run resumes it with "
+                       f"schedule={layout['schedule']!r}: weights and optimizer state carry over, but the "
+                       "schedule changed (PACI's updates cross in-flight micro-batches, flush schedules' do not)")
+
+
+def gather_full_state_dict(own: dict[str, Tensor], rank: int, world_size: int) -> dict[str, Tensor] | None:
+    """Collective: every stage's tensors, on CPU, on global rank 0; None elsewhere."""
+    own = {k: v.detach().cpu() for k, v in own.items()}
+    parts: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(own, parts, dst=0)
+    if parts is None:
+        return None
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def save(path: Path, stage: int, rank: int, model_state: dict[str, Tensor],

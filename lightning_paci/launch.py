@@ -7,8 +7,7 @@
   step never notices on its own), and a started stage ends itself if rank 0's process is gone.
 - The fit loop's per-batch SIGTERM broadcast, a collective, is replaced by signals.py's check, and a
   callback makes the last stage's metrics visible on every stage at epoch and validation ends and
-  before a ModelCheckpoint compares a metric at a training step. Callbacks that would issue a
-  collective after every training batch are refused (``check_callbacks``). Values logged in
+  before a ModelCheckpoint compares a metric at a training step. Values logged in
   backward/step hooks on other stages reach rank 0's loggers (hooks.py).
 - Drain points: the pipeline drains where the fit loop decides to validate, and first thing at
   every epoch end and at the end of training, so that no Lightning or user hook after training
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
@@ -84,22 +83,6 @@ def drain_before_validation(trainer: Trainer, drain: Callable[[], None]) -> None
 
     decide_and_drain.drains_pipeline = True  # type: ignore[attr-defined]
     loop._should_check_val_fx = decide_and_drain
-
-
-def check_callbacks(trainer: Trainer) -> None:
-    """Refuse callbacks that broadcast rank 0's clock after every training batch: each stage would wait
-    for the last one once per batch (the bubble PACI removes). A collective at a drain point, an epoch
-    end or a checkpoint is fine."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, Timer) and callback._duration is not None and callback._interval == "step":
-            raise ValueError("Trainer(max_time=...) / Timer(interval='step') broadcasts rank 0's clock after "
-                             "every training batch, which stalls every pipeline stage once per batch; use "
-                             "max_steps, or callbacks=[Timer(duration=..., interval='epoch')] to check the time "
-                             "once per epoch")
-        if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None:
-            raise ValueError("ModelCheckpoint(train_time_interval=...) broadcasts rank 0's clock after every "
-                             "training batch, which stalls every pipeline stage once per batch; use "
-                             "every_n_train_steps")
 
 
 def _compares_monitor_now(callback: Callback, trainer: Trainer) -> bool:

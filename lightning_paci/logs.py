@@ -14,7 +14,7 @@ on one device: Lightning sees one ``self.log`` call per name and one return valu
 - Every value logged comes from the last stage. Other stages run the module's hooks too (a Metric
   logged in ``on_train_epoch_end`` computes there on an empty state); their ``self.log`` calls are
   dropped, and PipelineSync copies the last stage's metrics to them for callbacks.
-- ``validation_step``/``test_step`` return values: see ``combine_outputs``.
+- ``validation_step``/``test_step`` return values: see ``batches.combine_outputs``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_map
 from torchmetrics import Metric
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
@@ -137,40 +137,11 @@ def _batch_value(metric: Metric, calls: list[tuple[tuple, dict]]) -> None:
     metric._forward_cache = value
 
 
-def combine_outputs(step_name: str, results: list[Any], sizes: list[int]) -> Any:
-    """One batch's ``validation_step``/``test_step`` result from its micro-batches' results.
-
-    Leaf by leaf (dicts, lists and tuples keep their structure): a tensor whose first dimension is the
-    micro-batch's size is per-sample and is concatenated along it, in micro-batch order; a scalar
-    (0-dim tensor or number) is averaged weighted by micro-batch size, so a mean loss stays the batch's
-    mean; any other leaf (a string, None) must be the same for every micro-batch. Anything else raises.
-    """
-    if len(results) == 1:
-        return results[0]
-    flat = [tree_flatten(r) for r in results]
-    if any(spec != flat[0][1] for _, spec in flat):
-        raise ValueError(f"{step_name} returned differently structured results for the micro-batches of one "
-                         "batch; return the same keys and types for every batch")
-    leaves = [_combine_leaf(step_name, [f[k] for f, _ in flat], sizes) for k in range(len(flat[0][0]))]
-    return tree_unflatten(leaves, flat[0][1])
-
-
-def _combine_leaf(step_name: str, values: list[Any], sizes: list[int]) -> Any:
-    if all(isinstance(v, Tensor) and v.dim() and len(v) == n for v, n in zip(values, sizes)):
-        return torch.cat(values)
-    if all(isinstance(v, (Tensor, int, float)) and not isinstance(v, bool) and torch.as_tensor(v).dim() == 0
-           for v in values):
-        weights = torch.tensor(sizes, dtype=torch.float64)
-        total = sum(torch.as_tensor(v, dtype=torch.float64).cpu() * w for v, w in zip(values, weights))
-        mean = total / weights.sum()
-        first = values[0]
-        if not isinstance(first, Tensor):
-            return mean.item()
-        return mean.to(first.device, first.dtype if first.is_floating_point() else torch.float64)
-    if not any(isinstance(v, Tensor) for v in values) and all(v == values[0] for v in values):
-        return values[0]
-    shapes = [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in values]
-    raise ValueError(f"{step_name} returned {shapes} for micro-batches of {sizes} samples; the pipeline "
-                     "returns the batch's result by concatenating per-sample tensors (batch dimension first) "
-                     "and averaging scalars: return per-sample tensors, scalars, or values equal for every "
-                     "micro-batch")
+def share_callback_metrics(trainer: Any, rank: int, broadcast: Any) -> None:
+    """Collective: the last stage's (rank 0's) scalar callback metrics copied to every stage, so that
+    ModelCheckpoint and EarlyStopping decide alike everywhere."""
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()
+               if isinstance(v, Tensor) and v.numel() == 1} if rank == 0 else None
+    metrics = broadcast(metrics, src=0)
+    if rank != 0:
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

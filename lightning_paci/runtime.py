@@ -20,122 +20,26 @@ parameter is ever made.
 
 from __future__ import annotations
 
-import copy
-import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
+from lightning_paci.batches import combine_outputs, join_predictions, split_batch
 from lightning_paci.clock import clock_for
 from lightning_paci.hollow import StageView
 from lightning_paci.hooks import StageHooks
 from lightning_paci.inputs import SharedRandomness, check_fingerprint, fingerprint
-from lightning_paci.logs import LogCapture, combine_outputs
-from lightning_paci.memory import PeakMemory
+from lightning_paci.logs import LogCapture
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action
 from lightning_paci.schedules import PlanSpec
+from lightning_paci.telemetry import StageTelemetry
 from lightning_paci.timeline import TimelineEvent
-
-
-def split_batch(batch: Any, parts: int, exact: bool) -> list[Any]:
-    """Split a batch into ``parts`` micro-batches along the batch dimension, following its structure.
-
-    Tensors split along dim 0; a list or tuple that holds no tensor and has one entry per sample
-    (strings, ids: what the default collate makes of non-tensor fields) splits with the same
-    boundaries; mappings, tuples and lists that hold tensors are structure and keep their shape;
-    scalars (and 0-d tensors) go to every micro-batch. A tensor-free list of plain values and of
-    another length is refused: it cannot be told apart from per-sample data cut short.
-    """
-    sizes: set[int] = set()
-    _batch_sizes(batch, sizes, tensors=_holds_tensor(batch))
-    if len(sizes) != 1:
-        raise ValueError(f"cannot split the batch into micro-batches: its tensors have first dimensions "
-                         f"{sorted(sizes)}; every tensor of a batch needs the same batch dimension 0")
-    size = sizes.pop()
-    if exact and size % parts:
-        raise ValueError(f"batch size {size} is not divisible by micro_batches={parts}: make the "
-                         "DataLoader's batch_size a multiple of micro_batches (and use drop_last=True)")
-    parts = min(parts, size)
-    bounds = [k * (size // parts) + min(k, size % parts) for k in range(parts + 1)]  # torch.tensor_split's
-    return [_take(batch, bounds[k], bounds[k + 1], size, "batch") for k in range(parts)]
-
-
-def _holds_tensor(node: Any) -> bool:
-    if isinstance(node, Tensor):
-        return True
-    if isinstance(node, Mapping):
-        return any(_holds_tensor(v) for v in node.values())
-    if isinstance(node, (list, tuple)):
-        return any(_holds_tensor(v) for v in node)
-    return False
-
-
-def _batch_sizes(node: Any, sizes: set[int], tensors: bool) -> None:
-    """First dimensions of the tensors (``tensors``) or, in a batch without any, of the innermost lists."""
-    if isinstance(node, Tensor):
-        if node.dim():
-            sizes.add(len(node))
-    elif isinstance(node, Mapping):
-        for value in node.values():
-            _batch_sizes(value, sizes, tensors)
-    elif isinstance(node, (list, tuple)):
-        nested = [v for v in node if isinstance(v, (Mapping, list, tuple, Tensor))]
-        if not tensors and node and not nested:
-            sizes.add(len(node))
-        for value in nested:
-            _batch_sizes(value, sizes, tensors)
-
-
-def _take(node: Any, start: int, stop: int, size: int, where: str) -> Any:
-    """Samples ``start:stop`` of ``node`` (``where`` names it in errors, e.g. ``batch['text']``)."""
-    if isinstance(node, Tensor):
-        return node[start:stop] if node.dim() else node
-    if isinstance(node, Mapping):
-        part = copy.copy(node)  # keeps the mapping's type (OrderedDict, HF's BatchEncoding, ...)
-        for key, value in node.items():
-            part[key] = _take(value, start, stop, size, f"{where}[{key!r}]")
-        return part
-    if isinstance(node, (list, tuple)):
-        if _holds_tensor(node):
-            items = [_take(v, start, stop, size, f"{where}[{i}]") for i, v in enumerate(node)]
-        elif len(node) == size:
-            items = list(node[start:stop])
-        elif any(isinstance(v, (Mapping, list, tuple)) for v in node):
-            items = [_take(v, start, stop, size, f"{where}[{i}]") for i, v in enumerate(node)]
-        else:
-            raise ValueError(f"cannot split the batch into micro-batches: {where} is a {type(node).__name__} "
-                             f"of {len(node)} entries without tensors, but the batch has {size} samples; a "
-                             "list in a batch must hold one entry per sample (or tensors), else pass it "
-                             "another way (a module attribute, a tensor)")
-        if isinstance(node, tuple) and hasattr(node, "_fields"):  # namedtuple
-            return type(node)(*items)
-        return type(node)(items)
-    return node
-
-
-_SETTLE_EVERY = 512  # actions between non-blocking settles of clock marks
-
-
-def join_micro_batches(results: list[Any], sizes: list[int]) -> Any:
-    """The inverse of ``split_batch`` for a step's outputs: the micro-batches' results concatenated
-    along dim 0 when every result has the same structure of tensors whose dim 0 is its micro-batch's
-    size (what ``predict_step`` returns for a batch); otherwise the list of results, in order."""
-    if len(results) == 1:
-        return results[0]
-    flat = [tree_flatten(r) for r in results]
-    spec = flat[0][1]
-    joinable = all(leaves and s == spec and all(isinstance(x, Tensor) and x.dim() and len(x) == n for x in leaves)
-                   for (leaves, s), n in zip(flat, sizes))
-    if not joinable:
-        return results
-    return tree_unflatten([torch.cat(column) for column in zip(*(leaves for leaves, _ in flat))], spec)
 
 
 def _loss_of(output: Any) -> Tensor:
@@ -144,6 +48,22 @@ def _loss_of(output: Any) -> Tensor:
         raise ValueError("training_step must return the loss tensor or a dict with a 'loss' tensor "
                          f"on the last pipeline stage, got {type(output).__name__}")
     return loss
+
+
+def alias_parameters(optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """Point the optimizer at ``nn.Parameter(p.data)`` aliases of this stage's own parameters (the stale
+    weights note above); returns (parameter, alias) pairs.
+
+    Hollow (meta) parameters of other stages are dropped from the param groups; empty groups stay so
+    that LR schedulers see the groups they were built for.
+    """
+    pairs = []
+    for group in optimizer.param_groups:
+        owned = [p for p in group["params"] if not p.is_meta]
+        aliases = [nn.Parameter(p.data, requires_grad=p.requires_grad) for p in owned]
+        pairs += list(zip(owned, aliases))
+        group["params"] = aliases
+    return pairs
 
 
 class StageRuntime:
@@ -174,20 +94,9 @@ class StageRuntime:
         self._log = LogCapture(module, self.last)
         self._nonfinite_seen = False
         self._unchecked: list[tuple[Tensor, Tensor, int, int, str]] = []  # fingerprints not yet compared
-        # telemetry
-        self.drift = Counter()
-        self.peak_in_flight = 0
-        self.busy_s = self.wall_s = self.wait_s = 0.0
-        self.time_of = {"F": [0.0, 0], "B": [0.0, 0], "S": [0.0, 0]}
-        self.timeline: list[TimelineEvent] | None = [] if record_timeline else None
-        self.memory = PeakMemory(device)
         self.clock = link.clock = clock_for(device)
-        self._t0 = time.perf_counter()
+        self.stats = StageTelemetry(self.stage, device, self.clock, record_timeline)
         self._last_end: Any = None  # clock mark: end of the previous training batch, None after a drain
-        # Clock marks not yet turned into seconds (clock.py): (kind, label, start, end, waits) of each
-        # action, and (start, end, waits) of spans that count as wall time (a batch, a drain).
-        self._unsettled: list[tuple[str, str, Any, Any, list]] = []
-        self._unsettled_wall: list[tuple[Any, Any, list]] = []
 
     # -- entry points (called by the strategy) --------------------------------------------------------
     def train_batch(self, batch: Any, batch_idx: int, closes_window: bool | None = None) -> Any:
@@ -214,9 +123,7 @@ class StageRuntime:
         self.batches_since_drain += 1
         self._last_end = self.clock.mark()
         # the wall includes the loop's time between batches: idle, not busy
-        self._unsettled_wall.append((start, self._last_end, self.link.take_waits()))
-        if len(self._unsettled) >= _SETTLE_EVERY:
-            self._settle(block=False)
+        self.stats.span(start, self._last_end, self.link.take_waits())
         self._check_fingerprints()
         self._log.flush()
         if self.last and not self._nonfinite_seen:
@@ -248,8 +155,8 @@ class StageRuntime:
         self._run(self.spec.drain(self.stage, self.batches_since_drain, self._closing), "drain")
         self._closing = set()
         self.link.flush()
-        self._unsettled_wall.append((start, self.clock.mark(), self.link.take_waits()))
-        self._settle(block=True)
+        self.stats.span(start, self.clock.mark(), self.link.take_waits())
+        self.stats.settle(block=True)
         self._last_end = None
         assert not self._in_flight, f"stage {self.stage}: micro-batches {sorted(self._in_flight)} not drained"
         self.batches_since_drain = 0
@@ -262,7 +169,7 @@ class StageRuntime:
     def predict_batch(self, batch: Any, batch_idx: int, *extra: Any) -> Any:
         """``predict_step`` pipelined as evaluation: the batch's predictions on the last stage, else None."""
         results = self._forward_only("predict_step", batch, batch_idx, extra)
-        return join_micro_batches([r for r, _ in results], [n for _, n in results]) if self.last else None
+        return join_predictions([r for r, _ in results], [n for _, n in results]) if self.last else None
 
     def _forward_only(self, step_name: str, batch: Any, batch_idx: int, extra: tuple) -> list[tuple[Any, int]]:
         """Each micro-batch's result (None before the last stage) with its size."""
@@ -304,48 +211,7 @@ class StageRuntime:
                 report_failure(note)
                 marked = " ".join(f"[{a}]" if k == index else str(a) for k, a in enumerate(actions))
                 raise PipelineError(f"{note}\nstage {self.stage} actions for {where}: {marked}") from error
-            self._unsettled.append((action.kind, str(action), t0, self.clock.mark(), self.link.take_waits()))
-            self.memory.sample()
-
-    def _settle(self, block: bool) -> None:
-        """Turn the clock marks of finished actions into telemetry and timeline events; with
-        ``block=False`` only those already complete (on CUDA: events the stream has passed)."""
-        seconds = self.clock.seconds
-        done = 0
-        for kind, label, t0, t1, waits in self._unsettled:
-            if not block and not self.clock.ready(t1):
-                break
-            t0, t1 = seconds(t0), seconds(t1)
-            waits = [(seconds(a), seconds(b), what) for a, b, what in waits]
-            waited = sum(b - a for a, b, _ in waits)
-            self.busy_s += (t1 - t0) - waited
-            self.wait_s += waited
-            self.time_of[kind][0] += (t1 - t0) - waited
-            self.time_of[kind][1] += 1
-            if self.timeline is not None:
-                self._record(label, t0, t1, waits)
-            done += 1
-        del self._unsettled[:done]
-        done = 0
-        for start, end, waits in self._unsettled_wall:
-            if not block and not self.clock.ready(end):
-                break
-            self.wall_s += seconds(end) - seconds(start)
-            self.wait_s += sum(seconds(b) - seconds(a) for a, b, _ in waits)
-            done += 1
-        del self._unsettled_wall[:done]
-
-    def _record(self, label: str, t0: float, t1: float, waits: list[tuple[float, float, str]]) -> None:
-        """Timeline events of one action: waits for its input ("recv F3"), its compute, then send
-        back-pressure ("send F3"); every handler receives before it computes and sends after."""
-        o = self._t0
-        begin = max((end for _, end, kind in waits if kind == "recv"), default=t0)
-        end = min((start for start, _, kind in waits if kind == "send"), default=t1)
-        if begin > t0:
-            self.timeline.append(TimelineEvent(self.stage, f"recv {label}", t0 - o, begin - o))
-        self.timeline.append(TimelineEvent(self.stage, label, begin - o, end - o))
-        if end < t1:
-            self.timeline.append(TimelineEvent(self.stage, f"send {label}", end - o, t1 - o))
+            self.stats.action(action.kind, str(action), t0, self.clock.mark(), self.link.take_waits())
 
     def _receive(self, part: Any, batch_idx: int, index: int, what: str) -> tuple[list[Tensor], Tensor]:
         """The activations for micro-batch ``part`` (none on stage 0) and its fingerprint, checked
@@ -394,7 +260,7 @@ class StageRuntime:
             outputs = [loss / self.spec.accumulation]
         inputs = [t for t in received if t.requires_grad]
         self._in_flight[j] = (inputs, outputs, self.version)
-        self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, len(self._in_flight))
 
     def _backward(self, j: int) -> None:
         inputs, outputs, version = self._in_flight.pop(j)
@@ -418,7 +284,7 @@ class StageRuntime:
             self.link.send_grads([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs], loss)
         if hooks is not None:  # after the send: the previous stage need not wait for the hook
             hooks.after_backward(scaled, self.version)
-        self.drift[self.version - version] += 1
+        self.stats.drift[self.version - version] += 1
 
     def _step(self, _: None) -> None:
         for param, alias in self.aliases:
@@ -435,29 +301,13 @@ class StageRuntime:
 
     # -- telemetry -------------------------------------------------------------------------------------
     @property
+    def timeline(self) -> list[TimelineEvent] | None:
+        return self.stats.timeline
+
+    @property
     def clock_origin(self) -> float:
         """``time.perf_counter()`` that timeline times count from; one clock for all processes of a host."""
-        return self._t0
+        return self.stats.origin
 
     def telemetry(self) -> dict[str, Any]:
-        self._settle(block=True)
-        wall = max(self.wall_s, 1e-12)
-        mean = {k: (t / n if n else 0.0) for k, (t, n) in self.time_of.items()}
-        return {
-            "stage": self.stage,
-            "max_drift": max(self.drift, default=0),
-            "drift_histogram": dict(sorted(self.drift.items())),
-            "utilization": self.busy_s / wall,
-            "bubble_fraction": self.wait_s / wall,
-            "peak_in_flight": self.peak_in_flight,
-            "optimizer_steps": self.version,
-            "peak_memory_bytes": self.memory.peak,
-            "busy_s": self.busy_s,
-            "wait_s": self.wait_s,
-            "wall_s": self.wall_s,
-            "forward_s": mean["F"],
-            "backward_s": mean["B"],
-            "step_s": mean["S"],
-            "parameters": sum(p.numel() for p, _ in self.aliases),
-        }
-
+        return self.stats.summary(self.version, sum(p.numel() for p, _ in self.aliases))

@@ -13,7 +13,6 @@ at epoch ends and at the end of fit (launch.py), before any user hook runs there
 from __future__ import annotations
 
 import atexit
-import math
 import os
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
@@ -29,7 +28,6 @@ from lightning.fabric.utilities.distributed import (
     _init_dist_connection,
 )
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -38,27 +36,31 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
-from lightning_paci.checks import check_last_batch, check_lr_schedulers, warn_if_schedule_changed
+from lightning_paci.checks import (
+    check_arguments,
+    check_devices,
+    check_last_batch,
+    check_lr_schedulers,
+    check_module,
+)
 from lightning_paci.hollow import StageView
 from lightning_paci.hooks import StageHooks, send_to_rank_zero
 from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
     PipelineSync,
-    check_callbacks,
     drain_before_validation,
     drop_per_batch_sigterm_broadcast,
     drop_prediction_writers,
 )
+from lightning_paci.logs import share_callback_metrics
 from lightning_paci.materialize import materialize
 from lightning_paci.p2p import FailureWatch, StageLink, boundary_groups
-from lightning_paci.partition import PARTITIONS, Partition, partition_model
-from lightning_paci.plan import drift_bound
-from lightning_paci.runtime import StageRuntime
+from lightning_paci.partition import Partition, partition_model
+from lightning_paci.runtime import StageRuntime, alias_parameters
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
 from lightning_paci.signals import PipelineSignals
-
-START_METHODS = ("popen", "spawn", "fork", "forkserver")
+from lightning_paci.telemetry import publish_telemetry
 
 
 class PACIStrategy(ParallelStrategy):
@@ -109,16 +111,7 @@ class PACIStrategy(ParallelStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin)
         schedule = check_schedule(schedule)
-        if not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
-        if stages is not None and stages < 1:
-            raise ValueError(f"stages must be >= 1, got {stages}")
-        if partition not in PARTITIONS:
-            raise ValueError(f"partition={partition!r} is not supported: choose one of {PARTITIONS}")
-        if max_drift is not None and max_drift < 0:
-            raise ValueError(f"max_drift must be >= 0, got {max_drift}")
-        if start_method not in START_METHODS:
-            raise ValueError(f"start_method={start_method!r}: choose one of {START_METHODS}")
+        check_arguments(micro_batches, stages, partition, max_drift, start_method)
         self.schedule, self.micro_batches, self.stages = schedule, micro_batches, stages
         self.split_points = list(split_points) if split_points is not None else None
         self.partition_mode, self.max_drift = partition, max_drift
@@ -203,16 +196,8 @@ class PACIStrategy(ParallelStrategy):
 
     def _check_before_launch(self, trainer: Trainer, args: tuple = ()) -> None:
         """Every mistake that can be seen from the main process fails here, before ranks start."""
-        devices = self.num_processes * self.num_nodes
-        if self.stages is not None and self.stages != devices:
-            raise ValueError(f"PACIStrategy(stages={self.stages}) needs one process per stage, but the "
-                             f"Trainer has {devices} devices: set devices={self.stages}, or devices=1 to run "
-                             "every stage on one device (data-parallel replicas of a pipeline are not "
-                             "supported yet)")
-        if self.shares_device and self._process_group_backend not in (None, "gloo"):
-            raise ValueError(f"{self.stages} stages share one device, which NCCL refuses (two ranks on one "
-                             f"GPU); drop process_group_backend={self._process_group_backend!r} (gloo is used) "
-                             f"or give the Trainer devices={self.stages}")
+        check_devices(self.stages, self.num_processes * self.num_nodes, self.shares_device,
+                      self._process_group_backend)
         checkpoint.recover_checkpoint_dirs(trainer)  # an overwrite cut short by a kill: back before "last"
         module = trainer.lightning_module
         if module is None:
@@ -229,34 +214,8 @@ class PACIStrategy(ParallelStrategy):
                          trainer.limit_train_batches)
 
     def _check_module(self, module: LightningModule, trainer: Trainer) -> None:
-        if not module.automatic_optimization:
-            raise ValueError("PACIStrategy runs forward, backward and each stage's optimizer step itself; "
-                             "it needs automatic_optimization=True (remove `self.automatic_optimization = "
-                             "False` and the manual_backward/optimizer.step calls from training_step)")
-        if (trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value"
-                and not is_overridden("configure_gradient_clipping", module)):
-            raise ValueError("gradient_clip_val with clipping by norm needs the global gradient norm, a "
-                             "sync across stages PACI avoids (PACI.md limits); use "
-                             "gradient_clip_algorithm='value', drop gradient_clip_val, or override "
-                             "configure_gradient_clipping (it then sees one stage's gradients)")
-        if getattr(trainer, "_val_check_time_interval", None) is not None:
-            raise ValueError("val_check_interval given as a time lets each stage process decide by its own clock "
-                             "when to validate (a drain point), so the stages would disagree: give it as a "
-                             "number of batches (int) or a fraction of the epoch (float)")
-        check_callbacks(trainer)
-        if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
-            raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
-                             "stages; use precision='bf16-mixed' (or 32)")
-        accumulation = self.micro_batches * trainer.accumulate_grad_batches
-        if self.schedule == "paci" and self.max_drift is not None:
-            bound = drift_bound(0, self.n_stages, accumulation)
-            if bound > self.max_drift:
-                if self.max_drift == 0:
-                    raise ValueError(f"max_drift=0 rules out the asynchronous schedule with {self.n_stages} "
-                                     "stages; use schedule='1f1b' (pipe_1f1b) for zero drift")
-                need = math.ceil((self.n_stages - 1) / (self.max_drift * trainer.accumulate_grad_batches))
-                raise ValueError(f"PACI with {self.n_stages} stages and accumulation {accumulation} drifts "
-                                 f"up to {bound} updates > max_drift={self.max_drift}: use micro_batches>={need}")
+        check_module(module, trainer, self.precision_plugin, self.schedule, self.n_stages, self.micro_batches,
+                     self.max_drift)
 
     # -- inside each process -----------------------------------------------------------------------------
     @override
@@ -347,7 +306,7 @@ class PACIStrategy(ParallelStrategy):
         check_lr_schedulers(self.lr_scheduler_configs)
         # Each stage steps its own schedulers where the plan says; Lightning must not step them too.
         self._schedulers, self.lr_scheduler_configs = self.lr_scheduler_configs, []
-        self._aliases = _alias_parameters(self.optimizers[0])
+        self._aliases = alias_parameters(self.optimizers[0])
 
     def _build_runtime(self, trainer: Trainer) -> None:
         rank = self.global_rank
@@ -445,26 +404,15 @@ class PACIStrategy(ParallelStrategy):
                               self.lightning_module.trainer.loggers)
 
     def publish_telemetry(self) -> None:
-        """Gather every stage's telemetry on rank 0 (a drain point: no bubble to cost) and log it."""
+        """Every stage's telemetry on rank 0 (a drain point: no bubble to cost), logged there."""
         assert self.runtime is not None
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, self.runtime.telemetry())
-        if self.global_rank != 0:
-            return
-        self.telemetry = sorted(gathered, key=lambda t: t["stage"])
-        self.stage_timeline = self.runtime.timeline
-        trainer = self.lightning_module.trainer
-        for logger in trainer.loggers:
-            logger.log_metrics(_flat_telemetry(self.telemetry), step=trainer.global_step)
+        self.telemetry = publish_telemetry(self.runtime.telemetry(), self.global_rank, self.world_size,
+                                           self.lightning_module.trainer)
+        self.stage_timeline = self.runtime.timeline if self.global_rank == 0 else None
 
     def sync_metrics(self) -> None:
         """Copy the last stage's callback metrics to every stage (for ModelCheckpoint/EarlyStopping)."""
-        trainer = self.lightning_module.trainer
-        metrics = {k: v.item() for k, v in trainer.callback_metrics.items()
-                   if isinstance(v, Tensor) and v.numel() == 1} if self.global_rank == 0 else None
-        metrics = self.broadcast(metrics, src=0)
-        if self.global_rank != 0:
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        share_callback_metrics(self.lightning_module.trainer, self.global_rank, self.broadcast)
 
     # -- collectives ---------------------------------------------------------------------------------------
     @override
@@ -507,15 +455,11 @@ class PACIStrategy(ParallelStrategy):
     def lightning_restore_optimizer(self) -> bool:
         return False  # load_checkpoint restores this stage's optimizer and schedulers itself
 
-    def _names(self) -> dict[int, str]:
-        """Optimizer alias (by id) -> the user's parameter name."""
-        named = {id(p): n for n, p in self.lightning_module.named_parameters()}
-        return {id(alias): named[id(param)] for param, alias in self._aliases}
-
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         optimizer = getattr(optimizer, "_optimizer", optimizer)
-        return checkpoint.optimizer_state_by_name(optimizer, self._names())
+        names = checkpoint.parameter_names(self.lightning_module, self._aliases)
+        return checkpoint.optimizer_state_by_name(optimizer, names)
 
     @override
     def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath: Any,
@@ -523,33 +467,18 @@ class PACIStrategy(ParallelStrategy):
         if storage_options is not None:
             raise TypeError("PACIStrategy writes checkpoints with torch.distributed.checkpoint; "
                             "storage_options are not supported")
-        path = Path(self.broadcast(str(filepath)))
-        model_state = checkpoint_dict.pop("state_dict")
-        optimizer_states = checkpoint_dict.pop("optimizer_states", None)
-        meta = {**checkpoint_dict, "pipeline": self._layout()}
-        runtime = self.runtime
-        stage_state = {"schedulers": [c.scheduler.state_dict() for c in self._schedulers],
-                       "version": runtime.version if runtime is not None else 0}
-        checkpoint.save(path, self.stage, self.global_rank, model_state,
-                        optimizer_states[0] if optimizer_states else None, stage_state, meta, self.barrier)
+        version = self.runtime.version if self.runtime is not None else 0
+        checkpoint.save_stage(Path(self.broadcast(str(filepath))), self.stage, self.global_rank, checkpoint_dict,
+                              self._layout(), self._schedulers, version, self.barrier)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        meta = checkpoint.read_meta(path, weights_only)
-        saved, layout = meta.pop("pipeline"), self._layout()
-        if saved["n_stages"] != layout["n_stages"] or saved["units"] != layout["units"]:
-            raise ValueError(f"{path} was saved by {saved['n_stages']} stages split as {saved['units']}; "
-                             f"this run has {layout['n_stages']} stages split as {layout['units']}. Resume "
-                             "with the same stages/split_points (resharding comes in a later release)")
-        warn_if_schedule_changed(path, saved, layout)
-        optimizer = self.optimizers[0] if self.optimizers else None
-        stage_state = checkpoint.load(path, self.stage, self.lightning_module, optimizer, self._names(),
-                                      weights_only)
-        for config, state in zip(self._schedulers, stage_state["schedulers"]):
-            config.scheduler.load_state_dict(state)
+        names = checkpoint.parameter_names(self.lightning_module, self._aliases)
+        meta, version = checkpoint.load_stage(
+            Path(self.broadcast(str(checkpoint_path))), self.stage, self._layout(), self.lightning_module,
+            self.optimizers[0] if self.optimizers else None, names, self._schedulers, weights_only)
         if self.runtime is not None:
-            self.runtime.version = stage_state["version"]
+            self.runtime.version = version
         return meta
 
     def _layout(self) -> dict[str, Any]:
@@ -574,12 +503,8 @@ class PACIStrategy(ParallelStrategy):
         A collective: call it on every rank, after fit. Loading it into a fresh instance of the
         LightningModule gives the trained model as one ordinary module.
         """
-        own = {k: v.detach().cpu() for k, v in self.lightning_module_state_dict().items()}
-        parts: list[Any] | None = [None] * self.world_size if self.global_rank == 0 else None
-        dist.gather_object(own, parts, dst=0)
-        if parts is None:
-            return None
-        return {k: v for part in parts for k, v in part.items()}
+        return checkpoint.gather_full_state_dict(self.lightning_module_state_dict(), self.global_rank,
+                                                 self.world_size)
 
     @override
     def teardown(self) -> None:
@@ -598,32 +523,6 @@ class PACIStrategy(ParallelStrategy):
         for schedule, name in STRATEGY_NAMES.items():
             strategy_registry.register(name, cls, description=f"pipeline parallel, {schedule} schedule",
                                        override=True, schedule=schedule)
-
-
-def _alias_parameters(optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    """Point the optimizer at ``nn.Parameter(p.data)`` aliases of this stage's own parameters.
-
-    Hollow (meta) parameters of other stages are dropped from the param groups; empty groups stay so
-    that LR schedulers see the groups they were built for.
-    """
-    pairs = []
-    for group in optimizer.param_groups:
-        owned = [p for p in group["params"] if not p.is_meta]
-        aliases = [nn.Parameter(p.data, requires_grad=p.requires_grad) for p in owned]
-        pairs += list(zip(owned, aliases))
-        group["params"] = aliases
-    return pairs
-
-
-def _flat_telemetry(telemetry: list[dict[str, Any]]) -> dict[str, float]:
-    out = {}
-    for t in telemetry:
-        for key, value in t.items():
-            if isinstance(value, (int, float)) and key != "stage":
-                out[f"pipeline/stage{t['stage']}/{key}"] = float(value)
-        for drift, count in t["drift_histogram"].items():
-            out[f"pipeline/stage{t['stage']}/drift_{drift}"] = float(count)
-    return out
 
 
 # ``import lightning_paci`` brings this module in (see _registration.py): Trainer(strategy="paci") works.

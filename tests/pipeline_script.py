@@ -219,9 +219,10 @@ def main() -> None:
             ranks, timeout, host_headers=True)
     if args.lagging_clock:
         import lightning_paci.runtime
+        import lightning_paci.telemetry
 
         lightning_paci.runtime.clock_for = lambda device: _LaggingClock()
-        lightning_paci.runtime._SETTLE_EVERY = 4  # settle often, while the newest marks are incomplete
+        lightning_paci.telemetry.SETTLE_EVERY = 4  # settle often, while the newest marks are incomplete
     if not args.unseeded_shuffle:
         L.seed_everything(0, verbose=False)
     module_class = (TwoOptimizers if args.two_optimizers else LitMeta if args.meta_init

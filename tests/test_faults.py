@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_paci import PACIStrategy
-from lightning_paci.checks import check_last_batch, warn_if_schedule_changed
+from lightning_paci.checkpoint import check_layout
+from lightning_paci.checks import check_last_batch
 from lightning_paci.hollow import PartitionError, StageView
 from lightning_paci.partition import partition_model
 from tests.models import LitTiny, TinyGPT, token_data
@@ -302,7 +303,7 @@ def test_a_short_last_batch_micro_batches_cannot_split_fails_before_launch():
 def test_resuming_under_another_schedule_warns():
     saved = {"n_stages": 2, "schedule": "paci", "units": []}
     with pytest.warns(UserWarning, match="saved by a 'paci' run .* schedule='1f1b'"):
-        warn_if_schedule_changed("last.ckpt", saved, {**saved, "schedule": "1f1b"})
+        check_layout("last.ckpt", saved, {**saved, "schedule": "1f1b"})
 
 
 # -- 4 (part). a non-finite loss is reported where it first appears ------------------------------------

@@ -178,9 +178,9 @@ def test_predict_under_spawn_returns_predictions_to_the_main_process(paci_run):
 
 
 def test_micro_batch_results_join_along_the_batch_dimension():
-    from lightning_paci.runtime import join_micro_batches
+    from lightning_paci.batches import join_predictions
 
     parts = [{"y": torch.full((2, 3), float(k))} for k in range(3)]
-    assert join_micro_batches(parts, [2, 2, 2])["y"].shape == (6, 3)
+    assert join_predictions(parts, [2, 2, 2])["y"].shape == (6, 3)
     scalars = [torch.tensor(1.0), torch.tensor(2.0)]
-    assert join_micro_batches(scalars, [4, 4]) is scalars  # not batch-shaped: the list, in order
+    assert join_predictions(scalars, [4, 4]) is scalars  # not batch-shaped: the list, in order

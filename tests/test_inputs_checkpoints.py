@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from lightning_paci import checkpoint
-from lightning_paci.runtime import split_batch
+from lightning_paci.batches import split_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "pipeline_script.py"

@@ -191,7 +191,7 @@ def test_per_batch_clock_broadcasts_are_refused_before_launch(trainer_kwargs, ca
 
 
 def test_collectives_once_per_epoch_are_accepted():
-    from lightning_paci.launch import check_callbacks
+    from lightning_paci.checks import check_callbacks
 
     check_callbacks(L.Trainer(accelerator="cpu", devices=2, strategy=PACIStrategy(), logger=False,
                               callbacks=[Timer(timedelta(minutes=5), interval="epoch"),

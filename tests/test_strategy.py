@@ -126,11 +126,11 @@ def test_same_script_under_torchrun(tmp_path):
 
 def test_optimizer_aliases_share_storage_and_skip_other_stages():
     """No parameter copy: the optimizer's tensors are views of the stage's own parameters."""
-    from lightning_paci.strategy import _alias_parameters
+    from lightning_paci.runtime import alias_parameters
 
     owned, hollow = nn.Linear(3, 3), nn.Linear(3, 3).to("meta")
     opt = torch.optim.AdamW([{"params": owned.parameters()}, {"params": hollow.parameters()}])
-    pairs = _alias_parameters(opt)
+    pairs = alias_parameters(opt)
     assert [p for p, _ in pairs] == list(owned.parameters())
     assert all(a.data_ptr() == p.data_ptr() and a is not p for p, a in pairs)
     assert opt.param_groups[1]["params"] == []
