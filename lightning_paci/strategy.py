@@ -333,6 +333,18 @@ class PACIStrategy(ParallelStrategy):
         with torch.device("meta"):
             yield
 
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``with trainer.init_module(empty_init=True)``: the model is built on the meta device, as under
+        FSDP, and each stage materializes only its own units (materialize.py); otherwise as Lightning."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
     # -- the training loop -------------------------------------------------------------------------------
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -198,6 +198,8 @@ def main() -> None:
                         help="Trainer(devices=1), PACIStrategy(stages=N): every stage process on one device")
     parser.add_argument("--accelerator", default="cpu", help="cpu, or cuda for tests/test_gpu.py")
     parser.add_argument("--meta-init", action="store_true", help="the model's layers come in configure_model")
+    parser.add_argument("--init-module", action="store_true",
+                        help="build the model under trainer.init_module(empty_init=True) (on the meta device)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -281,6 +283,10 @@ def main() -> None:
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0,
         check_val_every_n_epoch=None if args.val_total else 1)
+    if args.init_module:  # built again, now on the meta device: each stage materializes its own units
+        with trainer.init_module(empty_init=True):
+            model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype))
+        assert all(p.is_meta for p in model.parameters())
     n_batches = args.epoch_batches or args.steps * args.accumulate
     train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format,
                    shuffle=args.shuffle or args.unseeded_shuffle)
