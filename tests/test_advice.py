@@ -1,0 +1,52 @@
+"""The setup warning for PACI runs where stale forwards were measured to cost more than 1% perplexity
+(lightning_paci/advice.py). Unit level: no processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_paci.advice import LR_OVER_A_WITHIN_1PCT, peak_lr, staleness_advice
+
+
+def adamw(lr: float, warmup: bool = False) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=lr)
+    if warmup:  # the recipe's shape: LambdaLR starting near 0; the peak sits in initial_lr
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 30)
+    return opt
+
+
+def test_peak_lr_is_read_before_the_warmup_factor():
+    opt = adamw(2e-3, warmup=True)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 / 30)
+    assert peak_lr(opt) == pytest.approx(2e-3)
+    one_cycle = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=1.0)
+    torch.optim.lr_scheduler.OneCycleLR(one_cycle, max_lr=3e-3, total_steps=10)
+    assert peak_lr(one_cycle) == pytest.approx(3e-3)
+
+
+def test_recipe_settings_warn_and_name_the_micro_batches_that_fix_them():
+    # The recipe's old default (lr 2e-3, m=4, N=2): lr/a = 5e-4, four times the bound.
+    text = staleness_advice("paci", adamw(2e-3, warmup=True), n_stages=2, micro_batches=4)
+    assert text is not None
+    needed = round(2e-3 / LR_OVER_A_WITHIN_1PCT)
+    assert f"micro_batches >= {needed}" in text and "lr x (N-1)/a = 0.0005" in text
+    # With that many micro-batches the same lr is quiet; so is the lr the message names at m=4.
+    assert staleness_advice("paci", adamw(2e-3), 2, needed) is None
+    assert staleness_advice("paci", adamw(LR_OVER_A_WITHIN_1PCT * 4), 2, 4) is None
+    # accumulate_grad_batches multiplies a: fewer micro-batches are needed.
+    assert f"micro_batches >= {needed // 2}" in staleness_advice("paci", adamw(2e-3), 2, 4, 2)
+    # More stages: stage 0 forwards N-1 micro-batches of each window before its step.
+    four = staleness_advice("paci", adamw(LR_OVER_A_WITHIN_1PCT * 8), n_stages=4, micro_batches=8)
+    assert four is not None and "micro_batches >= 24" in four
+
+
+@pytest.mark.parametrize("schedule,optimizer,n_stages", [
+    ("1f1b", adamw(1e-2), 2),  # flush schedules carry no stale forward
+    ("gpipe", adamw(1e-2), 2),
+    ("paci", torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0), 2),  # not measured: no advice
+    ("paci", adamw(1e-2), 1),  # one stage: nothing in flight
+])
+def test_no_warning_where_the_rule_does_not_apply(schedule, optimizer, n_stages):
+    assert staleness_advice(schedule, optimizer, n_stages, micro_batches=2) is None
