@@ -31,11 +31,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
+from lightning_paci.advice import staleness_advice
 from lightning_paci.checks import (
     check_arguments,
     check_devices,
@@ -304,6 +305,10 @@ class PACIStrategy(ParallelStrategy):
                              "exactly one (put all parameters in one optimizer, with param groups if they "
                              "need different settings)")
         check_lr_schedulers(self.lr_scheduler_configs)
+        advice = staleness_advice(check_schedule(self.schedule), self.optimizers[0], self.n_stages,
+                                  self.micro_batches, trainer.accumulate_grad_batches)
+        if advice:  # after the schedulers are built: their initial_lr is the peak (advice.py)
+            rank_zero_warn(advice)
         # Each stage steps its own schedulers where the plan says; Lightning must not step them too.
         self._schedulers, self.lr_scheduler_configs = self.lr_scheduler_configs, []
         self._aliases = alias_parameters(self.optimizers[0])

@@ -16,8 +16,7 @@ initial weights under the same seed, same AdamW groups and learning-rate schedul
   weights with the activations saved at its forward, as the runtime's stages do (../shared/PACI.md).
 
 The staleness is then exactly the runtime's: stage 0 forwards the first micro-batch of the next
-batch before its step, and that micro-batch's backward runs after it. Each stage's optimizer may be
-wrapped by a remedy (recipes/remedies.py) to study what closes the gap.
+batch before its step, and that micro-batch's backward runs after it.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ class Stage:
     """One stage's units and its own optimizer and schedule, built over aliases of its parameters
     (in-place steps then leave the parameters' autograd versions alone, as in the runtime)."""
 
-    def __init__(self, model: nn.Module, units: list[str], hp, remedy=None) -> None:
+    def __init__(self, model: nn.Module, units: list[str], hp) -> None:
         self.units = [(name, model.get_submodule(name)) for name in units]
         self.params = [p for _, u in self.units for p in u.parameters()]
         self.aliases = [nn.Parameter(p.data) for p in self.params]
@@ -69,7 +68,6 @@ class Stage:
         warmup = max(1, round(hp.warmup_fraction * hp.max_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup, hp.max_steps, hp.min_lr_ratio))
-        self.remedy = remedy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _, unit in self.units:
@@ -79,15 +77,13 @@ class Stage:
     def step(self) -> None:
         for p, a in zip(self.params, self.aliases):
             a.grad = p.grad
-        if self.remedy is not None:
-            self.remedy.before_step(self)
         self.optimizer.step()
         self.scheduler.step()
         for p, a in zip(self.params, self.aliases):
             p.grad = a.grad = None
 
 
-def _segment(plan, stages: list[Stage], batches: list, stale_marks: list[int] | None = None) -> None:
+def _segment(plan, stages: list[Stage], batches: list) -> None:
     """Run ``plan`` on ``batches``: each stage's actions in order, as far as its inputs exist."""
     m, n = plan.micro_batches, plan.n_stages
     micro = {}
@@ -95,8 +91,6 @@ def _segment(plan, stages: list[Stage], batches: list, stale_marks: list[int] | 
         for part, (xs, ys) in enumerate(zip(x.tensor_split(m), y.tensor_split(m))):
             micro[k * m + part] = (xs, ys)
     sent, grads, saved = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
-    steps_at_forward = [{} for _ in range(n)]
-    steps = [0] * n
     cursor = [0] * n
     while any(cursor[i] < len(plan.stages[i]) for i in range(n)):
         progressed = False
@@ -113,22 +107,15 @@ def _segment(plan, stages: list[Stage], batches: list, stale_marks: list[int] | 
                     if i == n - 1:
                         out = F.cross_entropy(out.flatten(0, 1), target.flatten()) / plan.accumulation
                     sent[i][j], saved[i][j] = out, (inp, out)
-                    steps_at_forward[i][j] = steps[i]
                 elif action.kind == "B":
                     if i < n - 1 and j not in grads[i + 1]:
                         break
                     inp, out = saved[i].pop(j)
-                    stale = steps[i] != steps_at_forward[i].pop(j)
-                    if stage.remedy is not None:
-                        stage.remedy.before_backward(stage, stale)
                     out.backward(grads[i + 1].pop(j) if i < n - 1 else None)
-                    if stage.remedy is not None:
-                        stage.remedy.after_backward(stage, stale)
                     if i > 0:
                         grads[i][j] = inp.grad
                 else:
                     stage.step()
-                    steps[i] += 1
                 cursor[i] += 1
                 progressed = True
         if not progressed:
@@ -148,12 +135,20 @@ def validate(model: nn.Module, loader) -> float:
     return math.exp(total / count)
 
 
-def replay(schedule: str, micro_batches: int, overrides: list[str], remedy_factory=None) -> dict:
+def replay(schedule: str, micro_batches: int, overrides: list[str]) -> dict:
     """Train one run of the recipe in one process; returns its validation curve and setup."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r}: choose one of {SCHEDULES}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each stage process of the recipe (strategy num_threads: 1)
+    try:
+        return _replay(schedule, micro_batches, overrides)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay(schedule: str, micro_batches: int, overrides: list[str]) -> dict:
     cfg = compose_run(overrides)
-    torch.set_num_threads(1)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)  # the same order of calls as recipes/pretrain_gpt.py build()
     model = instantiate(cfg.model, vocab_size=data.vocab_size)
@@ -166,8 +161,7 @@ def replay(schedule: str, micro_batches: int, overrides: list[str], remedy_facto
     hp = model.hparams
     units = partition_model(model, int(cfg.trainer.devices))
     if schedule == "paci":
-        stages = [Stage(model, units.stage_units(i), hp, remedy_factory() if remedy_factory else None)
-                  for i in range(units.n_stages)]
+        stages = [Stage(model, units.stage_units(i), hp) for i in range(units.n_stages)]
         spec = PlanSpec("paci", units.n_stages, micro_batches, micro_batches)
     else:  # one optimizer over all parameters: AdamW is per parameter, so the same as one per stage
         stages = [Stage(model, list(units.units), hp)]
@@ -187,7 +181,6 @@ def replay(schedule: str, micro_batches: int, overrides: list[str], remedy_facto
         "lr": float(hp.lr), "seed": int(cfg.seed), "steps": steps, "curve": curve,
         "final_ppl": curve[-1]["ppl"], "unigram_ppl": data.val_unigram_perplexity(),
         "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start,
-        "remedy": getattr(stages[0].remedy, "name", None),
     }
 
 

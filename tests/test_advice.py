@@ -50,3 +50,35 @@ def test_recipe_settings_warn_and_name_the_micro_batches_that_fix_them():
 ])
 def test_no_warning_where_the_rule_does_not_apply(schedule, optimizer, n_stages):
     assert staleness_advice(schedule, optimizer, n_stages, micro_batches=2) is None
+
+
+def _setup_optimizers(schedule: str, rank: int = 0) -> list[str]:
+    """What PACIStrategy.setup_optimizers warns, in this process (no stage processes started)."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from lightning_paci import PACIStrategy
+    from tests.models import LitTiny
+
+    lit, strategy = LitTiny(), PACIStrategy(schedule=schedule, micro_batches=4)  # AdamW lr 1e-2
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
+                        enable_progress_bar=False)
+    strategy._lightning_module, lit.trainer = lit, trainer
+    saved, rank_zero_only.rank = rank_zero_only.rank, rank
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            strategy.setup_optimizers(trainer)
+    finally:
+        rank_zero_only.rank = saved
+    return [str(w.message) for w in caught if "lr x (N-1)/a" in str(w.message)]
+
+
+def test_strategy_warns_at_setup_on_rank_zero_only():
+    needed = round(1e-2 / LR_OVER_A_WITHIN_1PCT)
+    [text] = _setup_optimizers("paci")
+    assert f"micro_batches >= {needed}" in text and "peak lr 0.01" in text
+    assert _setup_optimizers("paci", rank=1) == []  # the other stages stay quiet
+    assert _setup_optimizers("1f1b") == []

@@ -135,3 +135,13 @@ def test_sweep_produces_two_runs_and_compare_matches_their_events(tmp_path):
 
     custom = run("recipes/compare.py", str(sweep), "--target-ppl", "1000", "--out", str(tmp_path / "fig"))
     assert "time to ppl 1000.000" in custom and (tmp_path / "fig.png").exists()
+
+    # The one-process replay that BENCHMARKS.md's learning sweeps use reproduces both runs' curves.
+    from recipes.replay_gpt import replay
+
+    common = [f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+    for name, schedule in (("paci-m4", "paci"), ("1f1b-m4", "flush")):
+        curve = replay(schedule, 4, common)["curve"]
+        assert [p["step"] for p in curve] == [e.step + 1 for e in logged[name]["val/ppl"]]
+        for point, event in zip(curve, logged[name]["val/ppl"]):
+            assert point["ppl"] == pytest.approx(event.value, rel=1e-4), name
