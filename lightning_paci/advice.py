@@ -10,9 +10,11 @@ against flush"), ended within 1% of flush's perplexity at every seed only where
 
     peak_lr * (N - 1) / a  <=  LR_OVER_A_WITHIN_1PCT
 
-and 1.5-17% above it at larger values. That was measured at N = 2 with AdamW; (N-1)/a is the stale
-share at more stages, an extrapolation. Other optimizers (SGD's step scales with the gradient) are
-not covered, so they get no warning.
+(600 steps at lr 2e-3: m=16 -1.3% median, seeds -1.6 to +0.9%; m=8 +2.2%, -3.1 to +5.2%; m=4 +5.5%,
++0.7 to +8.3%). Seeds move the gap by several percent either way, so the bound is where the gap
+stops showing, not a sharp edge. Measured at N = 2 with AdamW; (N-1)/a is the stale share at more
+stages, an extrapolation. Other optimizers (SGD's step scales with the gradient) are not covered,
+so they get no warning.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def staleness_advice(schedule: str, optimizer: Any, n_stages: int, micro_batches
     return (f"PACI with peak lr {lr:g}, accumulation a = micro_batches x accumulate_grad_batches = {a} and "
             f"{n_stages} stages: lr x (N-1)/a = {lr * stale:.3g}, above {LR_OVER_A_WITHIN_1PCT:g}, the largest "
             "value at which PACI's final perplexity stayed within 1% of 1F1B-flush's in the measured sweep "
-            "(it ended 1.5-17% worse beyond it; BENCHMARKS.md, 'Learning: PACI against flush'). Use "
+            "(median +2.2% at 2.5e-4 and +5.5% at 5e-4 over 3 seeds; BENCHMARKS.md, 'Learning: PACI against "
+            "flush'). Use "
             f"micro_batches >= {needed} (with a batch size divisible by it), or a peak lr <= {lr_ok:.3g}, "
             "or schedule='1f1b' if the stale forwards must cost nothing.")

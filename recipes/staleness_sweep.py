@@ -133,14 +133,15 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, steps in enumerate(sorted({r["steps"] for r in rows})):
-        mine = sorted((r for r in rows if r["steps"] == steps), key=lambda r: r["lr_over_a"])
+    for k, (steps, lr) in enumerate(sorted({(r["steps"], r["lr"]) for r in rows})):
+        mine = sorted((r for r in rows if (r["steps"], r["lr"]) == (steps, lr)), key=lambda r: r["lr_over_a"])
         x = [r["lr_over_a"] for r in mine]
         med = [100 * statistics.median(r["gaps"]) for r in mine]
         lo, hi = [100 * min(r["gaps"]) for r in mine], [100 * max(r["gaps"]) for r in mine]
         color = f"C{k}"
-        ax.plot(x, med, marker="o", color=color, label=f"{steps} steps (median; band: lowest to highest seed)")
-        ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+        ms = ", ".join(f"m={r['m']}" for r in mine)
+        ax.plot(x, med, marker="o", color=color, label=f"lr {lr:g}, {steps} steps ({ms}): median over seeds")
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0, label="lowest to highest seed")
     ax.axhline(100 * WITHIN, color="grey", linestyle="--", linewidth=0.9, label=f"{WITHIN:.0%}")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xscale("log")
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="1337,1338,1339")
     parser.add_argument("--shard", default="0/1", help="K/N: run every N-th job starting at K")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--title", default="PACI vs flush, one-process replay of the recipe (conf/), N=2")
+    parser.add_argument("--title", default="PACI vs flush at equal steps, one-process replay of the recipe\n"
+                        "(conf/: GPT 4 x 128, 0.9M params, batch 16 x 128, AdamW, N=2 stages)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. model.n_embd=256")
     args = parser.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(",")]

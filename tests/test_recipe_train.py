@@ -77,7 +77,7 @@ def test_single_process_run_writes_every_metric(tmp_path):
 @needs_strategy
 @pytest.mark.timeout(300)
 def test_pipeline_run_writes_metrics_and_telemetry(tmp_path):
-    out = pretrain(tmp_path)  # the default: PACI over 2 stages
+    out = pretrain(tmp_path, "strategy.micro_batches=4")  # the default PACI over 2 stages; batch 8 needs m | 8
     run_dir = tmp_path / "runs" / "s" / "paci-m4"
     logged = check_run(run_dir)
     ppl, _ = final_line(out)
@@ -98,7 +98,7 @@ def parse_table(md: str) -> dict[str, list[str]]:
 @needs_strategy
 @pytest.mark.timeout(420)
 def test_sweep_produces_two_runs_and_compare_matches_their_events(tmp_path):
-    out = pretrain(tmp_path, "-m", "strategy=paci,pipe_1f1b", sweep="sweep")
+    out = pretrain(tmp_path, "-m", "strategy=paci,pipe_1f1b", "strategy.micro_batches=4", sweep="sweep")
     assert out.count("final validation perplexity") == 2
     sweep = tmp_path / "runs" / "sweep"
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["1f1b-m4", "paci-m4"]
