@@ -13,6 +13,8 @@ between validations. Flush needs the same tokens at every m (the same updates), 
 
 ``--ratio m:r`` gives the throughput ratio measured side by side at m (recipes/benchmark.py);
 where none is given the bubble model (m+N-1)/m times ``--efficiency`` stands in, marked as such.
+``--tokens-per-s m:paci:flush`` adds each schedule's tokens/s at m, for the paper's metric: PACI's
+speed-up over the fastest flush configuration (flush at whichever m runs fastest).
 """
 
 from __future__ import annotations
@@ -60,12 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--ratio", action="append", default=[],
                         help="m:r, PACI/1F1B-flush tokens/s measured side by side at m (repeatable)")
+    parser.add_argument("--tokens-per-s", action="append", default=[],
+                        help="m:paci:flush, both schedules' tokens/s at m (benchmark medians, repeatable): "
+                             "gives the speed-up over the fastest flush configuration")
     parser.add_argument("--efficiency", type=float, default=1.202 / 1.25,
                         help="measured share of the bubble model's ratio, for m without --ratio "
                              "(default: BENCHMARKS.md's m=4 run, 1.202 of the ideal 1.25)")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
     measured = {int(k): float(v) for k, v in (r.split(":") for r in args.ratio)}
+    tps = {int(m): (float(p), float(f)) for m, p, f in (t.split(":") for t in args.tokens_per_s)}
+    fastest_flush = max((f, m) for m, (_, f) in tps.items()) if tps else None
     flush = load(args.sweep, "flush", args.lr, None, args.steps)
     if not flush:
         parser.error(f"no flush runs at lr {args.lr:g} and {args.steps} steps in {args.sweep}")
@@ -82,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"m": m, "target": target, "flush_tokens": f_tok, "paci_tokens": p_tok,
                      "token_ratio": token_ratio, "throughput_ratio": ratio, "measured": m in measured,
                      "speedup": token_ratio * ratio,
-                     "speedup_per_seed": [statistics.median(f_tok) / t * ratio for t in p_tok]})
+                     "speedup_per_seed": [statistics.median(f_tok) / t * ratio for t in p_tok],
+                     # flush needs the same tokens at every m: compare with its fastest m's tokens/s
+                     "vs_fastest_flush": (token_ratio * tps[m][0] / fastest_flush[0]
+                                          if fastest_flush and m in tps else None)})
     lines = ["| m | target ppl | flush tokens to target (M) | PACI tokens to target (M) "
              "| tokens ratio flush/PACI | PACI/flush tokens/s | speed-up over flush at the same m: "
              "median [min, max] over PACI seeds |",
@@ -93,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {band([t / 1e6 for t in r['paci_tokens']], '.3f')} | {r['token_ratio']:.3f} "
                      f"| {r['throughput_ratio']:.3f} ({source}) | {band(r['speedup_per_seed'], '.3f')} |")
     text = "\n".join(lines) + "\n"
+    if fastest_flush:
+        best, best_m = fastest_flush
+        text += f"\nAgainst the fastest flush configuration (m={best_m}, {best:.0f} tokens/s): "
+        text += ", ".join(f"PACI m={r['m']} {r['vs_fastest_flush']:.2f}x" for r in rows
+                          if r["vs_fastest_flush"] is not None) + "\n"
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
