@@ -10,12 +10,12 @@ against flush"), ended within 1% of flush's perplexity at every seed only where
     peak_lr * s**2  <=  STALE_BOUND      (s = (N-1)/a; at N=2 and lr 2e-3 that is a >= 16)
 
 600 steps, N = 2, medians over seeds 1337-1339: lr 2e-3 at a = 16, 8, 4: -1.3%, +2.2%, +5.5%;
-lr 1e-3 at a = 8: above 1% (BENCHMARKS.md has the seeds). lr/a alone does not order the runs:
-1e-3 at a = 8 has the lr/a of 2e-3 at a = 16 and ends worse, so the stale share counts more than
-the learning rate, hence its square. Seeds move the gap by several percent either way, so the bound
-marks where the gap stops showing, not a sharp edge. Measured at N = 2 with AdamW; N > 2 is an
-extrapolation through s. Other optimizers (SGD's step scales with the gradient) are not covered, so
-they get no warning.
+lr 1e-3 at a = 8: +1.9% (every seed above 1%); lr 5e-4 at a = 8, on the bound: +0.5% (one seed).
+lr/a alone does not order the runs: 1e-3 at a = 8 has the lr/a of 2e-3 at a = 16 and ends worse,
+so the stale share counts more than the learning rate, hence its square. Seeds move the gap by
+several percent either way, so the bound marks where the gap stops showing, not a sharp edge.
+Measured at N = 2 with AdamW; N > 2 is an extrapolation through s. Other optimizers (SGD's step
+scales with the gradient) are not covered, so they get no warning.
 """
 
 from __future__ import annotations
