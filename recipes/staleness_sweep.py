@@ -148,8 +148,12 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
         lo, hi = [100 * min(r["gaps"]) for r in mine], [100 * max(r["gaps"]) for r in mine]
         color = f"C{k}"
         ms = ", ".join(f"m={r['m']}" for r in mine)
-        ax.plot(x, med, marker="o", color=color, label=f"lr {lr:g}, {steps} steps ({ms}): median over seeds")
-        ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0, label="lowest to highest seed")
+        seeds = max(len(r["gaps"]) for r in mine)
+        ax.errorbar(x, med, yerr=[[m - v for m, v in zip(med, lo)], [v - m for m, v in zip(med, hi)]],
+                    marker="o", capsize=4, color=color,
+                    label=f"lr {lr:g}, {steps} steps ({ms}): median, bar lowest to highest of {seeds} seeds")
+        if len(x) > 1:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
     ax.axhline(100 * WITHIN, color="grey", linestyle="--", linewidth=0.9, label=f"{WITHIN:.0%}")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xscale("log")
