@@ -43,6 +43,7 @@ from lightning_paci.partition import partition_model
 from lightning_paci.schedules import PlanSpec
 from recipes.gpt import lr_factor
 from recipes.pretrain_gpt import CONF_DIR
+from recipes.staleness_remedies import REMEDIES, make_remedy
 
 SCHEDULES = ("flush", "paci")
 
@@ -56,9 +57,11 @@ class Stage:
     """One stage's units and its own optimizer and schedule, built over aliases of its parameters
     (in-place steps then leave the parameters' autograd versions alone, as in the runtime)."""
 
-    def __init__(self, model: nn.Module, units: list[str], hp) -> None:
+    def __init__(self, model: nn.Module, units: list[str], hp, remedy: str | None = None) -> None:
         self.units = [(name, model.get_submodule(name)) for name in units]
         self.params = [p for _, u in self.units for p in u.parameters()]
+        self.remedy = make_remedy(remedy, self.params)  # recipes/staleness_remedies.py
+        self.steps = 0  # a backward is stale when the stage stepped since that micro-batch's forward
         self.aliases = [nn.Parameter(p.data) for p in self.params]
         groups = [  # the recipe's groups (recipes/gpt.py configure_optimizers)
             {"params": [a for a in self.aliases if a.dim() >= 2], "weight_decay": hp.weight_decay},
@@ -75,12 +78,15 @@ class Stage:
         return x
 
     def step(self) -> None:
+        if self.remedy is not None:
+            self.remedy.before_step()
         for p, a in zip(self.params, self.aliases):
             a.grad = p.grad
         self.optimizer.step()
         self.scheduler.step()
         for p, a in zip(self.params, self.aliases):
             p.grad = a.grad = None
+        self.steps += 1
 
 
 def _segment(plan, stages: list[Stage], batches: list) -> None:
@@ -91,6 +97,7 @@ def _segment(plan, stages: list[Stage], batches: list) -> None:
         for part, (xs, ys) in enumerate(zip(x.tensor_split(m), y.tensor_split(m))):
             micro[k * m + part] = (xs, ys)
     sent, grads, saved = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
+    forwarded_at = [{} for _ in range(n)]  # micro-batch -> the stage's step count at its forward
     cursor = [0] * n
     while any(cursor[i] < len(plan.stages[i]) for i in range(n)):
         progressed = False
@@ -107,11 +114,16 @@ def _segment(plan, stages: list[Stage], batches: list) -> None:
                     if i == n - 1:
                         out = F.cross_entropy(out.flatten(0, 1), target.flatten()) / plan.accumulation
                     sent[i][j], saved[i][j] = out, (inp, out)
+                    forwarded_at[i][j] = stage.steps
                 elif action.kind == "B":
                     if i < n - 1 and j not in grads[i + 1]:
                         break
                     inp, out = saved[i].pop(j)
+                    if stage.remedy is not None:
+                        stage.remedy.before_backward()
                     out.backward(grads[i + 1].pop(j) if i < n - 1 else None)
+                    if stage.remedy is not None:
+                        stage.remedy.after_backward(stale=forwarded_at[i].pop(j) != stage.steps)
                     if i > 0:
                         grads[i][j] = inp.grad
                 else:
@@ -135,19 +147,21 @@ def validate(model: nn.Module, loader) -> float:
     return math.exp(total / count)
 
 
-def replay(schedule: str, micro_batches: int, overrides: list[str]) -> dict:
+def replay(schedule: str, micro_batches: int, overrides: list[str], remedy: str | None = None) -> dict:
     """Train one run of the recipe in one process; returns its validation curve and setup."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r}: choose one of {SCHEDULES}")
+    if remedy is not None and schedule != "paci":
+        raise ValueError(f"remedy {remedy!r} treats PACI's stale micro-batch: use it with --schedule paci")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each stage process of the recipe (strategy num_threads: 1)
     try:
-        return _replay(schedule, micro_batches, overrides)
+        return _replay(schedule, micro_batches, overrides, remedy)
     finally:
         torch.set_num_threads(threads)
 
 
-def _replay(schedule: str, micro_batches: int, overrides: list[str]) -> dict:
+def _replay(schedule: str, micro_batches: int, overrides: list[str], remedy: str | None) -> dict:
     cfg = compose_run(overrides)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)  # the same order of calls as recipes/pretrain_gpt.py build()
@@ -161,7 +175,7 @@ def _replay(schedule: str, micro_batches: int, overrides: list[str]) -> dict:
     hp = model.hparams
     units = partition_model(model, int(cfg.trainer.devices))
     if schedule == "paci":
-        stages = [Stage(model, units.stage_units(i), hp) for i in range(units.n_stages)]
+        stages = [Stage(model, units.stage_units(i), hp, remedy) for i in range(units.n_stages)]
         spec = PlanSpec("paci", units.n_stages, micro_batches, micro_batches)
     else:  # one optimizer over all parameters: AdamW is per parameter, so the same as one per stage
         stages = [Stage(model, list(units.units), hp)]
@@ -177,7 +191,7 @@ def _replay(schedule: str, micro_batches: int, overrides: list[str]) -> dict:
                 stages[0].step()
         curve.append({"step": done + len(chunk), "ppl": validate(model, data.val_dataloader())})
     return {
-        "schedule": schedule, "micro_batches": micro_batches, "overrides": overrides,
+        "schedule": schedule, "micro_batches": micro_batches, "overrides": overrides, "remedy": remedy,
         "lr": float(hp.lr), "seed": int(cfg.seed), "steps": steps, "curve": curve,
         "final_ppl": curve[-1]["ppl"], "unigram_ppl": data.val_unigram_perplexity(),
         "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start,
@@ -191,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: conf/model)")
     parser.add_argument("--seed", type=int, default=None, help="default: conf/config.yaml")
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: conf/trainer)")
+    parser.add_argument("--remedy", choices=REMEDIES, default=None,
+                        help="treat the stale micro-batch (recipes/staleness_remedies.py); paci only")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. model.n_embd=256")
     args = parser.parse_args(argv)
@@ -198,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("model.lr", args.lr), ("seed", args.seed), ("trainer.max_steps", args.steps)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    result = replay(args.schedule, args.micro_batches, overrides)
+    result = replay(args.schedule, args.micro_batches, overrides, args.remedy)
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
