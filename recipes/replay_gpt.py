@@ -43,7 +43,7 @@ from lightning_paci.partition import partition_model
 from lightning_paci.schedules import PlanSpec
 from recipes.gpt import lr_factor
 from recipes.pretrain_gpt import CONF_DIR
-from recipes.staleness_remedies import REMEDIES, make_remedy
+from recipes.staleness_remedies import BY_ORIGIN, REMEDIES, make_remedy
 
 SCHEDULES = ("flush", "paci")
 
@@ -61,6 +61,7 @@ class Stage:
         self.units = [(name, model.get_submodule(name)) for name in units]
         self.params = [p for _, u in self.units for p in u.parameters()]
         self.remedy = make_remedy(remedy, self.params)  # recipes/staleness_remedies.py
+        self.stale_by_origin = remedy in BY_ORIGIN
         self.steps = 0  # a backward is stale when the stage stepped since that micro-batch's forward
         self.aliases = [nn.Parameter(p.data) for p in self.params]
         groups = [  # the recipe's groups (recipes/gpt.py configure_optimizers)
@@ -98,6 +99,8 @@ def _segment(plan, stages: list[Stage], batches: list) -> None:
             micro[k * m + part] = (xs, ys)
     sent, grads, saved = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
     forwarded_at = [{} for _ in range(n)]  # micro-batch -> the stage's step count at its forward
+    # micro-batch -> stage 0 forwarded it before the step closing the previous window (its origin is stale)
+    origin_stale, first_steps = {}, stages[0].steps
     cursor = [0] * n
     while any(cursor[i] < len(plan.stages[i]) for i in range(n)):
         progressed = False
@@ -115,6 +118,8 @@ def _segment(plan, stages: list[Stage], batches: list) -> None:
                         out = F.cross_entropy(out.flatten(0, 1), target.flatten()) / plan.accumulation
                     sent[i][j], saved[i][j] = out, (inp, out)
                     forwarded_at[i][j] = stage.steps
+                    if i == 0:
+                        origin_stale[j] = stage.steps - first_steps < j // plan.accumulation
                 elif action.kind == "B":
                     if i < n - 1 and j not in grads[i + 1]:
                         break
@@ -122,8 +127,9 @@ def _segment(plan, stages: list[Stage], batches: list) -> None:
                     if stage.remedy is not None:
                         stage.remedy.before_backward()
                     out.backward(grads[i + 1].pop(j) if i < n - 1 else None)
+                    stale = forwarded_at[i].pop(j) != stage.steps
                     if stage.remedy is not None:
-                        stage.remedy.after_backward(stale=forwarded_at[i].pop(j) != stage.steps)
+                        stage.remedy.after_backward(stale=origin_stale[j] if stage.stale_by_origin else stale)
                     if i > 0:
                         grads[i][j] = inp.grad
                 else:

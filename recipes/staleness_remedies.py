@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import torch
 
-REMEDIES = ("error_feedback", "drop_stale")
+REMEDIES = ("error_feedback", "drop_stale", "drop_stale_all")
+# remedies that judge a micro-batch stale at every stage by its origin (stage 0 forwarded it before a
+# step that precedes its backward there), not by the stage's own steps: a diagnostic, not a remedy
+BY_ORIGIN = {"drop_stale_all"}
 
 
 class _Window:
@@ -99,7 +102,11 @@ class DropStale(_Window):
         g_t = F_t * (k_t + s_t) / k_t
 
     No buffer. The step then sees no stale gradient at all, at the cost of s_t/(k_t+s_t) of the
-    stage's data in that step (1/m at stage 0 for N=2); later stages keep every micro-batch."""
+    stage's data in that step (1/m at stage 0 for N=2); later stages keep every micro-batch.
+
+    ``drop_stale_all`` (a diagnostic) drops the same micro-batches at every stage: the later stages'
+    gradients of them are consistent but computed on activations of stage 0's pre-step weights. The
+    run is then synchronous training on the other micro-batches (12 of 16 sequences at m=4)."""
 
     def before_step(self) -> None:
         k, s = self.fresh_count, self.stale_count
@@ -118,6 +125,6 @@ def make_remedy(name: str | None, params: list[torch.nn.Parameter]):
         return None
     if name == "error_feedback":
         return ErrorFeedback(params)
-    if name == "drop_stale":
+    if name in ("drop_stale", "drop_stale_all"):
         return DropStale(params)
     raise ValueError(f"remedy {name!r}: choose one of {REMEDIES} or leave it unset")
