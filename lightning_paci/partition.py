@@ -25,7 +25,7 @@ a stage in ``stage_of`` for the table only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -46,6 +46,9 @@ class Partition:
     params: tuple[int, ...]
     trunk: str
     shared: tuple[str, ...] = ()  # units every stage runs itself (no parameters, no persistent buffers)
+    # One parameter used by units of several stages: ((name on stage a, a), (name on stage b, b), ...);
+    # each of those stages holds a copy and tied.py keeps the copies equal.
+    tied: tuple[tuple[tuple[str, int], ...], ...] = ()
 
     @property
     def n_stages(self) -> int:
@@ -237,20 +240,17 @@ def partition_model(model: nn.Module, n_stages: int, split_points: list[str] | N
         if all(u in shared for u in found.stage_units(i)):
             raise ValueError(f"stage {i} would hold only parameter-free modules {found.stage_units(i)}, which "
                              "every stage runs itself; choose split_points so that each stage holds parameters")
-    check_tied(model, found)
-    return found
+    return replace(found, tied=find_tied(model, found))
 
 
-def check_tied(model: nn.Module, partition: Partition) -> None:
-    """Parameters shared by units of different stages cannot live on one process; name them."""
-    owner: dict[int, tuple[str, int]] = {}
+def find_tied(model: nn.Module, partition: Partition) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Parameters shared by units of different stages, each with its name on every stage using it."""
+    uses: dict[int, dict[int, str]] = {}
+    order: list[int] = []
     modules = dict(model.named_modules())
     for unit, stage in zip(partition.units, partition.stage_of):
         for pname, p in modules[unit].named_parameters(remove_duplicate=False):
-            seen = owner.setdefault(id(p), (f"{unit}.{pname}", stage))
-            if seen[1] != stage:
-                raise ValueError(
-                    f"parameter {seen[0]} (stage {seen[1]}) is the same tensor as {unit}.{pname} "
-                    f"(stage {stage}): tied weights across stages are not supported yet. Untie them "
-                    "(e.g. give the LM head its own weight) or choose split_points that keep both on "
-                    "one stage")
+            if id(p) not in uses:
+                order.append(id(p))
+            uses.setdefault(id(p), {}).setdefault(stage, f"{unit}.{pname}")
+    return tuple(tuple((name, s) for s, name in sorted(uses[k].items())) for k in order if len(uses[k]) > 1)

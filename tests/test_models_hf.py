@@ -66,6 +66,23 @@ def test_llama_rotary_embedding_runs_on_every_stage():
         partition_model(make_hf("llama"), 2, ["model.rotary_emb"])
 
 
+def test_tied_weights_are_found_with_their_name_on_each_stage_and_paci_refuses_them():
+    from lightning_paci.tied import check_tied_schedule
+    from tests.models import TinyGPT
+
+    nano = TinyGPT(n_layers=4)
+    nano.transformer.wte.weight = nano.lm_head.weight  # nanoGPT's tying
+    part = partition_model(nano, 3)
+    assert part.tied == ((("transformer.wte.weight", 0), ("lm_head.weight", 2)),)
+    check_tied_schedule(part, "1f1b")
+    with pytest.raises(ValueError, match=r"transformer.wte.weight \(stage 0\) = lm_head.weight \(stage 2\).*"
+                                         r"schedule='1f1b'.*tie_word_embeddings=False"):
+        check_tied_schedule(part, "paci")
+    tied_gpt2 = partition_model(make_hf("gpt2-tied"), 2).tied
+    assert tied_gpt2 == ((("transformer.wte.weight", 0), ("lm_head.weight", 1)),)
+    assert partition_model(make_hf("gpt2"), 2).tied == ()
+
+
 def test_split_points_on_a_module_tree_without_a_trunk():
     from lightning.pytorch.demos.boring_classes import Net
 
@@ -151,7 +168,8 @@ STEPS, BATCH, M = 3, 8, 4
 
 @pytest.mark.parametrize("kind,schedule,stages,split", [
     # Qwen2 differs from Llama only inside its layers (the in-process test above covers it).
-    ("gpt2", "gpipe", 2, None), ("llama", "1f1b", 2, None),
+    # gpt2-tied: wte and lm_head are one tensor, on stages 0 and 1; their gradients are summed (tied.py).
+    ("gpt2", "gpipe", 2, None), ("llama", "1f1b", 2, None), ("gpt2-tied", "1f1b", 2, None),
     ("gpt2", "1f1b", 3, "model.transformer.h.2,model.transformer.h.3"),
 ])
 def test_flush_schedules_train_hf_models_as_one_process(tmp_path, kind, schedule, stages, split):
