@@ -39,6 +39,10 @@ them itself, on meta in the prefix and for real after it, wherever the forward c
 
 ``StageOutput`` derives from ``BaseException`` so that a user's ``except Exception`` around a call of
 the model (a fallback path, a retry) cannot swallow the end of a stage's forward.
+A call of the whole model outside ``run`` (Lightning's model summary with ``example_input_array``)
+runs as one long prefix: every unit on meta, no stage boundary, shapes only. Each process lacks
+the other stages' weights, so values are not available; layer input and output sizes, all a
+summary reports, are those of one device.
 """
 
 from __future__ import annotations
@@ -200,6 +204,10 @@ class StageView:
         self._modules = dict(model.named_modules())
         self._handles = []
         self.shared = {name for name in units if is_shared_unit(self._modules[name])}
+        self._running = False  # inside run(): a micro-batch of the pipeline, else a shapes-only call
+        self._shapes_only = False
+        self._handles.append(model.register_forward_pre_hook(self._whole_call_begins))
+        self._handles.append(model.register_forward_hook(self._whole_call_ends, always_call=True))
         first_of = {}
         for name, s in units.items():
             if name not in self.shared:
@@ -244,15 +252,18 @@ class StageView:
 
     def run(self, fn: Callable[[], Any], received: list[Tensor]) -> tuple[Any, list[Tensor] | None]:
         """Run one micro-batch of user code; returns (its result, None) or (None, tensors to send)."""
-        self._received = received
-        if self.stage == 0:
-            return self._call(fn)
-        self.prefix.begin()
+        self._received, self._running = received, True
         try:
-            result = self._call(fn)
+            if self.stage == 0:
+                return self._call(fn)
+            self.prefix.begin()
+            try:
+                result = self._call(fn)
+            finally:
+                self.prefix.end(final=True)
+                self._carried = {}
         finally:
-            self.prefix.end(final=True)
-            self._carried = {}
+            self._running = False
         if self._received is not None:
             raise PartitionError(f"stage {self.stage} never reached its first module {self.entry}: the "
                                  "forward did not call it; pass split_points naming modules it calls")
@@ -265,7 +276,19 @@ class StageView:
             return None, out.tensors
 
     # -- hooks ---------------------------------------------------------------------------------------
+    def _whole_call_begins(self, module: nn.Module, args: tuple) -> None:
+        if not self._running and not self._shapes_only:
+            self._shapes_only = True
+            self.prefix.begin()
+
+    def _whole_call_ends(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._shapes_only:
+            self._shapes_only = False
+            self.prefix.end(final=True)
+
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._shapes_only:
+            return None
         if self._received is None:
             raise PartitionError(f"{self.entry}, the first module of stage {self.stage}, ran twice in one "
                                  "forward; a stage must start at a module called once per forward")
@@ -289,6 +312,8 @@ class StageView:
         return tree_unflatten(flat, spec)
 
     def _leave(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._shapes_only:
+            return
         if self.prefix.active:
             raise PartitionError(f"{self.exit} (stage {self.stage + 1}) was called before stage "
                                  f"{self.stage} began at {self.entry}: the forward calls modules out of "
@@ -315,7 +340,7 @@ class StageView:
     def _check_real(self, name: str, shared: bool = False) -> Callable:
         def check(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             flat, spec = tree_flatten((args, kwargs))
-            if not any(isinstance(t, Tensor) and t.is_meta for t in flat):
+            if self._shapes_only or not any(isinstance(t, Tensor) and t.is_meta for t in flat):
                 return None
             if self.prefix.active:
                 if shared:  # a shared unit in the prefix computes shapes, like the rest of the prefix

@@ -194,3 +194,26 @@ def test_paci_trains_llama_as_a_replay_of_its_plan(tmp_path):
     units = [[u for u in part.stage_units(i) if u not in part.shared] for i in range(2)]
     plan = PlanSpec("paci", 2, 2, 2).plan(STEPS)
     assert_same(params, hf_replay("llama", plan, units, [None, part.first_unit(1)], batches(4, STEPS)))
+
+
+def test_model_summary_with_example_input_reports_one_device_sizes_on_every_stage():
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from tests.models import LitTiny
+
+    class WithForward(LitTiny):
+        def __init__(self) -> None:
+            super().__init__(n_layers=4)
+            self.example_input_array = torch.zeros(2, 8, dtype=torch.long)
+
+        def forward(self, idx):
+            return self.model(idx)
+
+    model = WithForward()
+    expected = ModelSummary(model, max_depth=-1)
+    for replica, _ in _views(model, 3):  # a whole-model call outside the pipeline runs on meta: shapes only
+        summary = ModelSummary(replica, max_depth=-1)
+        assert summary.in_sizes == expected.in_sizes and summary.out_sizes == expected.out_sizes
+        assert summary.total_parameters == expected.total_parameters
+        idx = torch.randint(0, 32, (2, 8))
+        assert replica(idx).is_meta
