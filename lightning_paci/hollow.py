@@ -225,7 +225,9 @@ class StageView:
             else:
                 module.to("meta")
                 self._mark_tensors(name, s, module)
-                module.forward = self._hollow_forward(name, s, module.forward)
+                # A torch.compile'd unit infers shapes with its original module: dynamo has nothing to
+                # gain on meta, and would trace the marked tensors' __torch_function__.
+                module.forward = self._hollow_forward(name, s, getattr(module, "_orig_mod", module).forward)
                 if name == self.exit:
                     self._handles.append(module.register_forward_pre_hook(self._leave, with_kwargs=True))
 

@@ -217,3 +217,15 @@ def test_model_summary_with_example_input_reports_one_device_sizes_on_every_stag
         assert summary.total_parameters == expected.total_parameters
         idx = torch.randint(0, 32, (2, 8))
         assert replica(idx).is_meta
+
+
+def test_torch_compiled_blocks_split_like_plain_ones():
+    from tests.models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(n_layers=4).double()
+    for i, block in enumerate(model.transformer.h):  # "eager": dynamo's tracing, no code generation
+        model.transformer.h[i] = torch.compile(block, backend="eager")
+    x = torch.randint(0, 32, (2, 8))
+    assert partition_model(model, 2).first_unit(1) == "transformer.h.2"
+    torch.testing.assert_close(_chain(model, lambda r: r(x), 2), model(x))
