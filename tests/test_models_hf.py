@@ -232,3 +232,14 @@ def test_torch_compiled_blocks_split_like_plain_ones():
     x = torch.randint(0, 32, (2, 8))
     assert partition_model(model, 2).first_unit(1) == "transformer.h.2"
     torch.testing.assert_close(_chain(model, lambda r: r(x), 2), model(x))
+
+
+def test_batch_norm_over_micro_batches_is_refused_naming_the_modules():
+    from lightning_paci.checks import check_batch_norm
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"\['1'\] normalize over the batch.*micro_batches=1"):
+        check_batch_norm(model, 4)
+    check_batch_norm(model, 1)  # the whole batch on every stage: as on one device
+    model[1].eval()
+    check_batch_norm(model, 4)  # frozen statistics: as on one device
