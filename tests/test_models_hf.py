@@ -170,7 +170,8 @@ STEPS, BATCH, M = 3, 8, 4
     # Qwen2 differs from Llama only inside its layers (the in-process test above covers it).
     # gpt2-tied: wte and lm_head are one tensor, on stages 0 and 1; their gradients are summed (tied.py).
     # The untied GPT-2 runs on 3 stages split [h.2, h.3] (it aborted in C++ before carried tensors).
-    ("gpt2-tied", "gpipe", 2, None), ("llama", "1f1b", 2, None),
+    # Llama trains under PACI below (its flush runs matched too, measured; left out for the suite's time).
+    ("gpt2-tied", "gpipe", 2, None),
     ("gpt2", "1f1b", 3, "model.transformer.h.2,model.transformer.h.3"),
 ])
 def test_flush_schedules_train_hf_models_as_one_process(tmp_path, kind, schedule, stages, split):
