@@ -21,6 +21,9 @@ a module runs (Llama registers ``rotary_emb`` after ``norm`` and calls it before
 single dropout may be called in several places), and running one costs no memory, so every stage
 runs them itself: they never start a stage and never make a split depend on call order. They keep
 a stage in ``stage_of`` for the table only.
+
+A parameter used by units of several stages (tied embeddings) is listed in ``tied`` with its name
+on each of those stages; tied.py keeps the stages' copies equal (flush schedules) or refuses (PACI).
 """
 
 from __future__ import annotations
