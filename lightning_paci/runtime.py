@@ -73,10 +73,11 @@ class StageRuntime:
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
                  forward_context: Callable[[], Any] = nullcontext, hooks: StageHooks | None = None,
-                 record_timeline: bool = False, seed: int = 0) -> None:
+                 record_timeline: bool = False, seed: int = 0, tied: Callable[[], None] | None = None) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
+        self.tied = tied  # sums gradients of weights tied across stages before each step (tied.py)
         self.device, self.forward_context, self.hooks = device, forward_context, hooks
         self.handlers = {"F": self._forward, "B": self._backward, "S": self._step}
         entry = module.get_submodule(view.entry) if view.entry is not None else None
@@ -287,6 +288,8 @@ class StageRuntime:
         self.stats.drift[self.version - version] += 1
 
     def _step(self, _: None) -> None:
+        if self.tied is not None:
+            self.tied()
         for param, alias in self.aliases:
             alias.grad = param.grad
         if self.hooks is not None:  # the hooks see the real parameters' grads, clipping acts on the aliases'

@@ -62,6 +62,7 @@ from lightning_paci.runtime import StageRuntime, alias_parameters
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
 from lightning_paci.signals import PipelineSignals
 from lightning_paci.telemetry import publish_telemetry
+from lightning_paci.tied import TiedGradients, check_tied_schedule
 
 
 class PACIStrategy(ParallelStrategy):
@@ -207,6 +208,7 @@ class PACIStrategy(ParallelStrategy):
         if is_overridden("configure_model", module) and not any(True for _ in module.parameters()):
             return  # the layers come in configure_model, inside each stage process: split them there
         self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        check_tied_schedule(self.partition, self.schedule)
         if trainer.state.fn == TrainerFn.FITTING and len(args) > 1:
             self.check_loader(trainer, args[1])  # fit(model, train_dataloaders, ...)
 
@@ -258,6 +260,7 @@ class PACIStrategy(ParallelStrategy):
                              f"{self.world_size}")
         self._check_module(module, trainer)
         self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        check_tied_schedule(self.partition, self.schedule)
         if self.global_rank == 0:
             print(f"lightning_paci: {self.schedule} over {self.n_stages} stages, "
                   f"{self.micro_batches} micro-batches per batch\n{self.partition.table()}", flush=True)
@@ -265,7 +268,7 @@ class PACIStrategy(ParallelStrategy):
         if self._view is None or self._view.model is not module:  # a later validate/test reuses the view
             units = dict(zip(self.partition.units, self.partition.stage_of))
             self._view = StageView(module, units, self.stage, self.n_stages)
-            others = [u for u, s in units.items() if s != self.stage]
+            others = [u for u, s in units.items() if s != self.stage and u not in self.partition.shared]
             materialize(module, self.root_device, skip=others)  # layers built in configure_model (meta)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -321,11 +324,14 @@ class PACIStrategy(ParallelStrategy):
                          staged=self.root_device.type != "cpu" and self._process_group_backend == "gloo",
                          timeout_s=self._timeout.total_seconds())
         fitting = trainer.state.fn == TrainerFn.FITTING
+        rank_of = [self.world_size - 1 - i for i in range(self.n_stages)]  # stage i on rank N-1-i
+        tied = (TiedGradients(self.lightning_module, self.partition, self.stage, rank_of, self._timeout)
+                if fitting and self.partition.tied else None)  # every rank creates the same groups
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
         self.runtime = StageRuntime(
             self.lightning_module, self._view, spec, link,
             optimizer=self.optimizers[0] if fitting else None,
-            aliases=self._aliases, schedulers=self._schedulers,
+            aliases=self._aliases, schedulers=self._schedulers, tied=tied,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
             hooks=StageHooks(self.lightning_module, self.precision_plugin, self.stage, trainer.log_every_n_steps),
             record_timeline=self._record_timeline,
