@@ -84,6 +84,9 @@ class PACIStrategy(ParallelStrategy):
         num_threads: torch threads per stage process on CPU; default: cores / local stages.
         record_timeline: keep a per-action timeline (``stage_timeline``) for traces and Gantt charts.
         process_group_backend: override ``gloo`` (CPU) / ``nccl`` (CUDA).
+
+    After setup, ``stage_split`` is the split itself (a ``partition.Partition``: units per stage), which
+    ``partition`` (the mode) and ``split_points`` chose.
     """
 
     strategy_name = "paci"
@@ -114,7 +117,7 @@ class PACIStrategy(ParallelStrategy):
         check_arguments(micro_batches, stages, partition, max_drift, start_method)
         self.schedule, self.micro_batches, self.stages = schedule, micro_batches, stages
         self.split_points = list(split_points) if split_points is not None else None
-        self.partition_mode, self.max_drift = partition, max_drift
+        self.partition, self.max_drift = partition, max_drift
         self._start_method, self._timeout = start_method, timedelta(seconds=timeout_s)
         self._num_threads, self._record_timeline = num_threads, record_timeline
         self._process_group_backend = process_group_backend
@@ -125,7 +128,7 @@ class PACIStrategy(ParallelStrategy):
         self._boundary_groups: list[tuple[Any, Any, Any]] | None = None
         self._failure_watch: FailureWatch | None = None
         self._signals: PipelineSignals | None = None
-        self.partition: Partition | None = None
+        self.stage_split: Partition | None = None  # the split itself; `partition` is its mode
         self.runtime: StageRuntime | None = None
         self._closes_window = False  # set while Lightning's optimizer_step runs this batch
         self.telemetry: list[dict[str, Any]] | None = None
@@ -205,7 +208,7 @@ class PACIStrategy(ParallelStrategy):
         self._check_module(module, trainer)
         if is_overridden("configure_model", module) and not any(True for _ in module.parameters()):
             return  # the layers come in configure_model, inside each stage process: split them there
-        self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        self.stage_split = partition_model(module, self.n_stages, self.split_points, self.partition)
         if trainer.state.fn == TrainerFn.FITTING and len(args) > 1:
             self.check_loader(trainer, args[1])  # fit(model, train_dataloaders, ...)
 
@@ -256,13 +259,13 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"{self.n_stages} stages need {self.n_stages} processes, found world size "
                              f"{self.world_size}")
         self._check_module(module, trainer)
-        self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        self.stage_split = partition_model(module, self.n_stages, self.split_points, self.partition)
         if self.global_rank == 0:
             print(f"lightning_paci: {self.schedule} over {self.n_stages} stages, "
-                  f"{self.micro_batches} micro-batches per batch\n{self.partition.table()}", flush=True)
+                  f"{self.micro_batches} micro-batches per batch\n{self.stage_split.table()}", flush=True)
         self.model = self.precision_plugin.convert_module(module)
         if self._view is None or self._view.model is not module:  # a later validate/test reuses the view
-            units = dict(zip(self.partition.units, self.partition.stage_of))
+            units = dict(zip(self.stage_split.units, self.stage_split.stage_of))
             self._view = StageView(module, units, self.stage, self.n_stages)
             others = [u for u, s in units.items() if s != self.stage]
             materialize(module, self.root_device, skip=others)  # layers built in configure_model (meta)
@@ -482,9 +485,9 @@ class PACIStrategy(ParallelStrategy):
         return meta
 
     def _layout(self) -> dict[str, Any]:
-        assert self.partition is not None
+        assert self.stage_split is not None
         return {"n_stages": self.n_stages, "schedule": self.schedule,
-                "units": [self.partition.stage_units(i) for i in range(self.n_stages)]}
+                "units": [self.stage_split.stage_units(i) for i in range(self.n_stages)]}
 
     @override
     def load_model_state_dict(self, checkpoint_dict: Any, strict: bool = True) -> None:

@@ -167,7 +167,7 @@ class Bench:
         self.data = StdlibCorpus(max_bytes=cfg.max_bytes, block_size=cfg.block_size, batch_size=cfg.batch_size,
                                  val_batches=1, cache_dir=cfg.cache_dir, seed=cfg.seed)
         self.data.setup("fit")
-        self.partition = partition_model(self.model(), cfg.stages)
+        self.stage_split = partition_model(self.model(), cfg.stages)
 
     def model(self) -> GPT:
         cfg = self.cfg
@@ -253,11 +253,11 @@ class Bench:
         model = self.model()
         configured = model.configure_optimizers()
         optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
-        mine = self.partition.stage_units(stage)
+        mine = self.stage_split.stage_units(stage)
         units = OrderedDict((u.replace(".", "_"), model.get_submodule(u)) for u in mine)
         for i in range(n):  # other stages' units hold no memory here, as in ours (hollow.py)
             if i != stage:
-                for u in self.partition.stage_units(i):
+                for u in self.stage_split.stage_units(i):
                     model.get_submodule(u).to("meta")
         module = nn.Sequential(units)
         owned = {id(p) for p in module.parameters()}
@@ -476,7 +476,7 @@ def _worker(rank: int, cfg: Config, port: int) -> None:
     dist.barrier()
     if rank == 0:
         model = {"parameters": bench.model().num_parameters(),
-                 "stages": [bench.partition.stage_units(i) for i in range(cfg.stages)]}
+                 "stages": [bench.stage_split.stage_units(i) for i in range(cfg.stages)]}
         report(cfg, model, runs, timelines, concurrency)
     dist.destroy_process_group()
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
-from lightning_paci.schedules import PlanSpec
+from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec
 from lightning_paci.simulate import CostModel, replay, simulate_schedule
 from lightning_paci.timeline import TimelineEvent, plot_gantt, write_chrome_trace
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from recipes.benchmark import Config
 
 PEERS = {"peer_gpipe": "gpipe", "peer_1f1b": "1f1b"}  # torch's ScheduleGPipe / Schedule1F1B: our plans' order
-OURS = {"pipe_gpipe": "gpipe", "pipe_1f1b": "1f1b", "paci": "paci"}
+OURS = {STRATEGY_NAMES[s]: s for s in ("gpipe", "1f1b", "paci")}  # Trainer(strategy=name) runs of each schedule
 PIPELINES = tuple(PEERS) + tuple(OURS)
 SINGLES = ("single_1thread", "single_allcores")
 
