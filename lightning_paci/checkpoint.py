@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-META_FILE = "meta.pt"
+from lightning_paci._registration import META_FILE
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
@@ -216,28 +216,6 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
         meta.pop(key, None)
     torch.save(meta, out)
     return out
-
-
-def explain_directory_loads() -> None:
-    """Make ``MyModule.load_from_checkpoint(<pipeline checkpoint directory>)`` say what to do instead
-    of a bare IsADirectoryError (wraps the loader Lightning's ``_load_from_checkpoint`` calls)."""
-    from lightning.pytorch.core import saving
-
-    load = saving.pl_load
-    if getattr(load, "explains_pipeline_checkpoints", False):
-        return
-
-    def pl_load(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(path_or_url, (str, Path)) and (Path(path_or_url) / META_FILE).is_file():
-            raise IsADirectoryError(
-                f"{path_or_url} is a lightning_paci pipeline checkpoint, a directory with each stage's "
-                "tensors: write it as one ordinary Lightning checkpoint with "
-                f"lightning_paci.consolidate({str(path_or_url)!r}, 'model.ckpt'), then load that file "
-                "(resuming a pipeline run takes the directory as it is: trainer.fit(ckpt_path=...))")
-        return load(path_or_url, *args, **kwargs)
-
-    pl_load.explains_pipeline_checkpoints = True  # type: ignore[attr-defined]
-    saving.pl_load = pl_load
 
 
 def load(path: Path, stage: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,

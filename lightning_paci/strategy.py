@@ -530,4 +530,3 @@ class PACIStrategy(ParallelStrategy):
 
 # ``import lightning_paci`` brings this module in (see _registration.py): Trainer(strategy="paci") works.
 PACIStrategy.register_strategies(StrategyRegistry)
-checkpoint.explain_directory_loads()

@@ -213,7 +213,7 @@ def test_planning_core_imports_no_torch() -> None:
     # The real package: its __init__ runs first and must not load torch (or Lightning) either;
     # matplotlib waits for plot_gantt.
     code = ("import lightning_paci.plan, lightning_paci.schedules, lightning_paci.simulate, "
-            "lightning_paci.timeline, lightning_paci.comm\n")
+            "lightning_paci.timeline, lightning_paci.comm, lightning_paci.dataflow\n")
     done = _imports_without(code, ("torch", "lightning", "matplotlib"))
     assert done.returncode == 0, done.stderr
 
