@@ -34,7 +34,14 @@ from lightning_paci._registration import META_FILE
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with parameter indices replaced by parameter names."""
+    """``optimizer.state_dict()`` with parameter indices replaced by parameter names.
+
+    Not torch.distributed.checkpoint.state_dict's ``get_optimizer_state_dict``/``set_optimizer_state_dict``
+    (tried, torch 2.13): they name an optimizer's parameters through ``model.named_parameters()`` by
+    identity, and the optimizer holds aliases (runtime.alias_parameters), so they fail (KeyError 0);
+    and on an optimizer with no state yet they run a zero-lr ``step()`` to create it, which on the live
+    optimizer would count one Adam step too many when a checkpoint is saved before the first step.
+    """
     state = optimizer.state_dict()
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     return {
