@@ -30,11 +30,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-META_FILE = "meta.pt"
+from lightning_paci._registration import META_FILE
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with parameter indices replaced by parameter names."""
+    """``optimizer.state_dict()`` with parameter indices replaced by parameter names.
+
+    Not torch.distributed.checkpoint.state_dict's ``get_optimizer_state_dict``/``set_optimizer_state_dict``
+    (tried, torch 2.13): they name an optimizer's parameters through ``model.named_parameters()`` by
+    identity, and the optimizer holds aliases (runtime.alias_parameters), so they fail (KeyError 0);
+    and on an optimizer with no state yet they run a zero-lr ``step()`` to create it, which on the live
+    optimizer would count one Adam step too many when a checkpoint is saved before the first step.
+    """
     state = optimizer.state_dict()
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     return {
@@ -216,28 +223,6 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
         meta.pop(key, None)
     torch.save(meta, out)
     return out
-
-
-def explain_directory_loads() -> None:
-    """Make ``MyModule.load_from_checkpoint(<pipeline checkpoint directory>)`` say what to do instead
-    of a bare IsADirectoryError (wraps the loader Lightning's ``_load_from_checkpoint`` calls)."""
-    from lightning.pytorch.core import saving
-
-    load = saving.pl_load
-    if getattr(load, "explains_pipeline_checkpoints", False):
-        return
-
-    def pl_load(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(path_or_url, (str, Path)) and (Path(path_or_url) / META_FILE).is_file():
-            raise IsADirectoryError(
-                f"{path_or_url} is a lightning_paci pipeline checkpoint, a directory with each stage's "
-                "tensors: write it as one ordinary Lightning checkpoint with "
-                f"lightning_paci.consolidate({str(path_or_url)!r}, 'model.ckpt'), then load that file "
-                "(resuming a pipeline run takes the directory as it is: trainer.fit(ckpt_path=...))")
-        return load(path_or_url, *args, **kwargs)
-
-    pl_load.explains_pipeline_checkpoints = True  # type: ignore[attr-defined]
-    saving.pl_load = pl_load
 
 
 def load(path: Path, stage: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from lightning_paci.comm import EAGER, PER_DIRECTION, check_transport, lower_plan
+from lightning_paci.comm import EAGER, PER_DIRECTION, CommOp, check_transport, lower_plan, parse_op
 
 FORWARD, BACKWARD, STEP = "F", "B", "S"
 _ACTION_RE = re.compile(r"^(?:([FB])(\d+)|S)$")
@@ -58,6 +58,15 @@ def parse_actions(text: str) -> tuple[Action, ...]:
         kind, j = match.groups()
         actions.append(S if kind is None else Action(kind, int(j)))
     return tuple(actions)
+
+
+def parse_program(text: str) -> tuple[Action | CommOp, ...]:
+    """Parse a lowered program's text form (``"rA0 wA0 F0 sA0"``, see comm.py) back into one."""
+    out: list[Action | CommOp] = []
+    for token in text.split():
+        op = parse_op(token)
+        out += parse_actions(token) if op is None else [op]
+    return tuple(out)
 
 
 def format_actions(actions: tuple[Action, ...] | list[Action]) -> str:

@@ -54,7 +54,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_paci.plan import BACKWARD, FORWARD, STEP, Plan, drift_histogram, max_drift, peak_in_flight
+from lightning_paci.dataflow import advance
+from lightning_paci.plan import BACKWARD, FORWARD, STEP, Action, Plan, drift_histogram, max_drift, peak_in_flight
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
 from lightning_paci.timeline import TimelineEvent, plot_gantt, write_chrome_trace
 
@@ -119,8 +120,8 @@ def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False,
     ``durations``, one list per stage with one value per action of its plan, replaces the cost
     model's per-stage means (``costs`` then gives only the transfer): see :func:`replay`.
 
-    Stages are swept repeatedly, each advancing while its next action's input has ended; every
-    action's start is then final because it depends only on already-timed actions.
+    Stages advance in dependency order (``dataflow.advance``): an action is timed once its input's
+    action has ended, so its start is final when it is timed.
     """
     n = plan.n_stages
     if costs.n_stages != n:
@@ -129,28 +130,25 @@ def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False,
         raise ValueError(f"durations give {[len(d) for d in durations]} actions per stage, the plan has "
                          f"{[len(a) for a in plan.stages]}")
     duration = {FORWARD: costs.forward, BACKWARD: costs.backward, STEP: costs.step}
-    cursor, clock = [0] * n, [0.0] * n
+    clock = [0.0] * n
     ended: list[dict] = [{} for _ in range(n)]
     events: list[TimelineEvent] = []
-    progress = True
-    while progress:
-        progress = False
-        for i, actions in enumerate(plan.stages):
-            while cursor[i] < len(actions):
-                action = actions[cursor[i]]
-                source = {FORWARD: i - 1, BACKWARD: i + 1}.get(action.kind, -1)
-                start = clock[i]
-                if 0 <= source < n:
-                    if action not in ended[source]:
-                        break
-                    start = max(start, ended[source][action] + costs.transfer)
-                if record_waits and start > clock[i]:
-                    events.append(TimelineEvent(i, "recv", clock[i], start))
-                took = duration[action.kind][i] if durations is None else durations[i][cursor[i]]
-                clock[i] = ended[i][action] = start + took
-                events.append(TimelineEvent(i, str(action), start, clock[i]))
-                cursor[i] += 1
-                progress = True
+
+    def run(i: int, k: int, action: Action) -> bool:
+        source = {FORWARD: i - 1, BACKWARD: i + 1}.get(action.kind, -1)
+        start = clock[i]
+        if 0 <= source < n:
+            if action not in ended[source]:
+                return False  # its input has not been computed yet
+            start = max(start, ended[source][action] + costs.transfer)
+        if record_waits and start > clock[i]:
+            events.append(TimelineEvent(i, "recv", clock[i], start))
+        took = duration[action.kind][i] if durations is None else durations[i][k]
+        clock[i] = ended[i][action] = start + took
+        events.append(TimelineEvent(i, str(action), start, clock[i]))
+        return True
+
+    cursor = advance(plan.stages, run)
     stuck = [i for i in range(n) if cursor[i] < len(plan.stages[i])]
     if stuck:
         raise ValueError(f"plan deadlocks at stage {stuck[0]}\n" + plan.grid(mark=(stuck[0], cursor[stuck[0]])))
@@ -282,17 +280,11 @@ def simulate(plan: Plan, costs: CostModel, record_waits: bool = False) -> SimRes
                      window_batches, steady_rate, tuple(stages))
 
 
-def plan_name(name: str) -> str:
-    """Plan name (paci, 1f1b, gpipe) for a plan or Lightning strategy name (pipe_1f1b, ...)."""
-    by_strategy = {v: k for k, v in STRATEGY_NAMES.items()}
-    return check_schedule(by_strategy.get(name, name))
-
-
 def simulate_schedule(schedule: str, costs: CostModel, micro_batches: int, accumulation: int | None = None,
                       n_batches: int | None = None, record_waits: bool = False) -> SimResult:
     """Build the plan for ``schedule`` (either name form) and simulate it; defaults as the CLI's."""
     n = costs.n_stages
-    spec = PlanSpec(plan_name(schedule), n, micro_batches, accumulation or micro_batches)
+    spec = PlanSpec(schedule, n, micro_batches, accumulation or micro_batches)
     return simulate(spec.plan(n_batches or default_batches(n, micro_batches)), costs, record_waits)
 
 
@@ -389,9 +381,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     costs = _costs_from_args(args)
     try:
-        names = [plan_name(s.strip()) for s in args.schedules.split(",") if s.strip()]
+        names = [check_schedule(s.strip()) for s in args.schedules.split(",") if s.strip()]
     except ValueError as err:
-        raise SystemExit(f"{err} (or strategy names {', '.join(STRATEGY_NAMES.values())})") from err
+        raise SystemExit(str(err)) from err
     rows, micro_batches = [], [int(v) for v in args.micro_batches.split(",")]
     for m in micro_batches:
         kwargs = {"micro_batches": m, "accumulation": args.accumulation, "n_batches": args.batches,

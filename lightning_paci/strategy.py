@@ -86,6 +86,9 @@ class PACIStrategy(ParallelStrategy):
         num_threads: torch threads per stage process on CPU; default: cores / local stages.
         record_timeline: keep a per-action timeline (``stage_timeline``) for traces and Gantt charts.
         process_group_backend: override ``gloo`` (CPU) / ``nccl`` (CUDA).
+
+    After setup, ``stage_split`` is the split itself (a ``partition.Partition``: units per stage), which
+    ``partition`` (the mode) and ``split_points`` chose.
     """
 
     strategy_name = "paci"
@@ -116,7 +119,7 @@ class PACIStrategy(ParallelStrategy):
         check_arguments(micro_batches, stages, partition, max_drift, start_method)
         self.schedule, self.micro_batches, self.stages = schedule, micro_batches, stages
         self.split_points = list(split_points) if split_points is not None else None
-        self.partition_mode, self.max_drift = partition, max_drift
+        self.partition, self.max_drift = partition, max_drift
         self._start_method, self._timeout = start_method, timedelta(seconds=timeout_s)
         self._num_threads, self._record_timeline = num_threads, record_timeline
         self._process_group_backend = process_group_backend
@@ -127,7 +130,7 @@ class PACIStrategy(ParallelStrategy):
         self._boundary_groups: list[tuple[Any, Any, Any]] | None = None
         self._failure_watch: FailureWatch | None = None
         self._signals: PipelineSignals | None = None
-        self.partition: Partition | None = None
+        self.stage_split: Partition | None = None  # the split itself; `partition` is its mode
         self.runtime: StageRuntime | None = None
         self._closes_window = False  # set while Lightning's optimizer_step runs this batch
         self.telemetry: list[dict[str, Any]] | None = None
@@ -207,8 +210,8 @@ class PACIStrategy(ParallelStrategy):
         self._check_module(module, trainer)
         if is_overridden("configure_model", module) and not any(True for _ in module.parameters()):
             return  # the layers come in configure_model, inside each stage process: split them there
-        self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
-        check_tied_schedule(self.partition, self.schedule)
+        self.stage_split = partition_model(module, self.n_stages, self.split_points, self.partition)
+        check_tied_schedule(self.stage_split, self.schedule)
         if trainer.state.fn == TrainerFn.FITTING and len(args) > 1:
             self.check_loader(trainer, args[1])  # fit(model, train_dataloaders, ...)
 
@@ -259,16 +262,16 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"{self.n_stages} stages need {self.n_stages} processes, found world size "
                              f"{self.world_size}")
         self._check_module(module, trainer)
-        self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
-        check_tied_schedule(self.partition, self.schedule)
+        self.stage_split = partition_model(module, self.n_stages, self.split_points, self.partition)
+        check_tied_schedule(self.stage_split, self.schedule)
         if self.global_rank == 0:
             print(f"lightning_paci: {self.schedule} over {self.n_stages} stages, "
-                  f"{self.micro_batches} micro-batches per batch\n{self.partition.table()}", flush=True)
+                  f"{self.micro_batches} micro-batches per batch\n{self.stage_split.table()}", flush=True)
         self.model = self.precision_plugin.convert_module(module)
         if self._view is None or self._view.model is not module:  # a later validate/test reuses the view
-            units = dict(zip(self.partition.units, self.partition.stage_of))
+            units = dict(zip(self.stage_split.units, self.stage_split.stage_of))
             self._view = StageView(module, units, self.stage, self.n_stages)
-            others = [u for u, s in units.items() if s != self.stage and u not in self.partition.shared]
+            others = [u for u, s in units.items() if s != self.stage and u not in self.stage_split.shared]
             materialize(module, self.root_device, skip=others)  # layers built in configure_model (meta)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -325,8 +328,8 @@ class PACIStrategy(ParallelStrategy):
                          timeout_s=self._timeout.total_seconds())
         fitting = trainer.state.fn == TrainerFn.FITTING
         rank_of = [self.world_size - 1 - i for i in range(self.n_stages)]  # stage i on rank N-1-i
-        tied = (TiedGradients(self.lightning_module, self.partition, self.stage, rank_of, self._timeout)
-                if fitting and self.partition.tied else None)  # every rank creates the same groups
+        tied = (TiedGradients(self.lightning_module, self.stage_split, self.stage, rank_of, self._timeout)
+                if fitting and self.stage_split.tied else None)  # every rank creates the same groups
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
         self.runtime = StageRuntime(
             self.lightning_module, self._view, spec, link,
@@ -505,9 +508,9 @@ class PACIStrategy(ParallelStrategy):
         return meta
 
     def _layout(self) -> dict[str, Any]:
-        assert self.partition is not None
+        assert self.stage_split is not None
         return {"n_stages": self.n_stages, "schedule": self.schedule,
-                "units": [self.partition.stage_units(i) for i in range(self.n_stages)]}
+                "units": [self.stage_split.stage_units(i) for i in range(self.n_stages)]}
 
     @override
     def load_model_state_dict(self, checkpoint_dict: Any, strict: bool = True) -> None:
@@ -550,4 +553,3 @@ class PACIStrategy(ParallelStrategy):
 
 # ``import lightning_paci`` brings this module in (see _registration.py): Trainer(strategy="paci") works.
 PACIStrategy.register_strategies(StrategyRegistry)
-checkpoint.explain_directory_loads()

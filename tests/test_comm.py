@@ -18,9 +18,8 @@ from lightning_paci.comm import (
     check_transport,
     lower,
     lower_plan,
-    parse_program,
 )
-from lightning_paci.plan import format_actions, parse_actions, validate
+from lightning_paci.plan import format_actions, parse_actions, parse_program, validate
 from lightning_paci.schedules import SCHEDULES, PlanSpec
 
 PROGRAMS = {
