@@ -1,0 +1,80 @@
+"""Data-parallel replicas of a pipeline (DP x PP): R=2 copies of a 2-stage pipeline on 4 gloo processes.
+
+Replica r reads samples r, r+2, ... through Lightning's DistributedSampler, so together the replicas'
+batch k is the contiguous batch k of twice the size: a flush schedule must match one process trained
+on that concatenated batch, and PACI the single-process replay of its plan on it (each replica's
+micro-batch j side by side). Both runs go through tests/nccl_order.py, as the one-replica runs do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_paci.mesh import PipelineLayout
+from lightning_paci.partition import partition_model
+from lightning_paci.schedules import PlanSpec
+from tests.reference import fresh_model, replay_plan, replica_batches, train_reference
+from tests.test_pipeline_correctness import LAYERS, assert_same, run_pipeline
+
+R, N, BATCH, M, STEPS = 2, 2, 8, 4, 3
+
+
+def replica_params(tmp_path) -> dict:
+    """Replica 1's parameters (replica 0's are what run_pipeline merges)."""
+    merged: dict = {}
+    for f in sorted(tmp_path.glob("replica1_stage*.pt")):
+        merged.update(torch.load(f, map_location="cpu"))
+    return merged
+
+
+def test_layout_places_pipelines_on_consecutive_ranks():
+    layout = PipelineLayout.for_world(4, 8)
+    assert layout.rank(0, 3) == 0  # the last stage of replica 0 logs
+    assert layout.pipeline_ranks(1) == [7, 6, 5, 4]  # one pipeline: one node of 4 devices
+    assert layout.replica_ranks(0) == [3, 7]  # a stage's replicas: one per node
+    assert [layout.place(r) for r in (0, 5)] == [(0, 3), (1, 2)]
+    assert layout.neighbours(5) == (6, 4) and layout.neighbours(7) == (None, 6)
+    try:
+        PipelineLayout.for_world(3, 8)
+    except ValueError as error:
+        assert "devices x num_nodes = 3 x R" in str(error)
+    else:
+        raise AssertionError("8 processes cannot hold copies of a 3-stage pipeline")
+
+
+def concatenated(per_replica: list[list[tuple]]) -> list[tuple]:
+    return [tuple(torch.cat(parts) for parts in zip(*batch)) for batch in per_replica]
+
+
+def side_by_side(per_replica: list[list[tuple]], micro_batches: int) -> list[tuple]:
+    """Each step's batches joined so that micro-batch j of the result is every replica's micro-batch j
+    (what one process replays for the replicas' averaged micro-batch j)."""
+    out = []
+    for batch in per_replica:
+        chunks = [[t.chunk(micro_batches) for t in shard] for shard in batch]  # replica -> (xs, ys)
+        out.append(tuple(torch.cat([c[i][j] for j in range(micro_batches) for c in chunks]) for i in (0, 1)))
+    return out
+
+
+def _run(tmp_path, schedule: str, *extra: str) -> tuple[dict, dict]:
+    result, params = run_pipeline(tmp_path, "--nccl-order", "--schedule", schedule, "--stages", str(N),
+                                  "--replicas", str(R), "--steps", str(STEPS), "--micro-batches", str(M),
+                                  "--batch-size", str(BATCH), *extra, fork=False, timeout=120)
+    assert result["state"] == "finished"
+    assert_same(replica_params(tmp_path), params, tol=0)  # the replicas stepped on the same gradients
+    steps = [(t["replica"], t["stage"], t["optimizer_steps"]) for t in result["telemetry"]]
+    assert steps == [(r, i, STEPS) for r in range(R) for i in range(N)]  # telemetry per (replica, stage)
+    return result, params
+
+
+def test_1f1b_replicas_match_one_process_on_the_concatenated_batch(tmp_path):
+    _, params = _run(tmp_path, "1f1b")
+    assert_same(params, train_reference(LAYERS, concatenated(replica_batches(BATCH, STEPS, R))))
+
+
+def test_paci_replicas_match_the_replay_of_their_plan(tmp_path):
+    _, params = _run(tmp_path, "paci", "--sched")
+    partition = partition_model(fresh_model(LAYERS), N)
+    units = [partition.stage_units(i) for i in range(N)]
+    data = side_by_side(replica_batches(BATCH, STEPS, R), M)
+    assert_same(params, replay_plan(PlanSpec("paci", N, M, M).plan(STEPS), units, LAYERS, data, sched=True))
