@@ -503,7 +503,7 @@ class PACIStrategy(ParallelStrategy):
                             "storage_options are not supported")
         version = self.runtime.version if self.runtime is not None else 0
         checkpoint.save_stage(Path(self.broadcast(str(filepath))), self.stage, self.global_rank, checkpoint_dict,
-                              self._layout(), self._schedulers, version, self.barrier)
+                              self._layout(), self._schedulers, version, self.barrier, self.replica)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -537,8 +537,8 @@ class PACIStrategy(ParallelStrategy):
         A collective: call it on every rank, after fit. Loading it into a fresh instance of the
         LightningModule gives the trained model as one ordinary module.
         """
-        return checkpoint.gather_full_state_dict(self.lightning_module_state_dict(), self.global_rank,
-                                                 self.world_size)
+        own = self.lightning_module_state_dict() if self.replica == 0 else {}  # replicas hold copies
+        return checkpoint.gather_full_state_dict(own, self.global_rank, self.world_size)
 
     @override
     def teardown(self) -> None:

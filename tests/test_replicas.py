@@ -9,10 +9,13 @@ micro-batch j side by side). Both runs go through tests/nccl_order.py, as the on
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from lightning_paci import consolidate
 from lightning_paci.mesh import PipelineLayout
 from lightning_paci.partition import partition_model
 from lightning_paci.schedules import PlanSpec
+from tests.models import token_data
 from tests.reference import fresh_model, replay_plan, replica_batches, train_reference
 from tests.test_pipeline_correctness import LAYERS, assert_same, run_pipeline
 
@@ -68,8 +71,22 @@ def _run(tmp_path, schedule: str, *extra: str) -> tuple[dict, dict]:
 
 
 def test_1f1b_replicas_match_one_process_on_the_concatenated_batch(tmp_path):
-    _, params = _run(tmp_path, "1f1b")
-    assert_same(params, train_reference(LAYERS, concatenated(replica_batches(BATCH, STEPS, R))))
+    """Also: validation sharded over the replicas logs DDP's value (sync_dist's mean over the last stage's
+    replicas), and the checkpoint holds each stage's share once, written by replica 0."""
+    result, params = _run(tmp_path, "1f1b", "--validate", "--val-every", str(STEPS), "--ckpt-dir",
+                          str(tmp_path / "ckpt"))
+    expected = train_reference(LAYERS, concatenated(replica_batches(BATCH, STEPS, R)))
+    assert_same(params, expected)
+    model = fresh_model(LAYERS)
+    model.load_state_dict(expected)
+    x, y = token_data(2 * BATCH, seed=1)  # replica r validates on samples r, r+2, ...: together, all 16
+    with torch.no_grad():
+        val_loss = F.cross_entropy(model.model(x).flatten(0, 1), y.flatten()).item()
+    assert abs(result["validated"]["val_loss"] - val_loss) < 1e-10
+    (ckpt,) = (tmp_path / "ckpt").glob("epoch=0-step=3.ckpt")
+    assert sorted(p.name for p in ckpt.glob("stage*.pt")) == ["stage0.pt", "stage1.pt"]
+    out = consolidate(ckpt, tmp_path / "one.ckpt")
+    assert_same(torch.load(out, weights_only=False)["state_dict"], expected)
 
 
 def test_paci_replicas_match_the_replay_of_their_plan(tmp_path):
