@@ -154,7 +154,7 @@ def validate(plan: Plan) -> None:
         for k, action in enumerate(actions):
             nxt = actions[k + 1] if k + 1 < len(actions) else None
             if action.kind == ALLREDUCE:
-                _check_allreduce(plan, i, k, actions, reducing)
+                _check_allreduce(plan, i, k, actions)
                 reducing = True
             elif action.kind == FORWARD:
                 seen.add(action.micro_batch)
@@ -183,13 +183,11 @@ def validate(plan: Plan) -> None:
         check_transport(programs, transport, PER_DIRECTION)
 
 
-def _check_allreduce(plan: Plan, stage: int, k: int, actions: tuple[Action, ...], reducing: bool) -> None:
-    """R belongs right before the backward that ends a window (then S), once per window, and only with
-    replicas: the all-reduce averages that backward's gradients as they come, overlapping it."""
+def _check_allreduce(plan: Plan, stage: int, k: int, actions: tuple[Action, ...]) -> None:
+    """R belongs right before the backward that ends a window (then S), and only with replicas: the
+    all-reduce averages that backward's gradients as they come, overlapping it."""
     if plan.replicas == 1:
         raise ValueError(f"stage {stage}: R at slot {k} in a plan of one replica (nothing to all-reduce)")
-    if reducing:
-        raise ValueError(f"stage {stage}: a second R at slot {k} before the window's step")
     window_end = actions[k + 1:k + 3]
     if len(window_end) < 2 or window_end[0].kind != BACKWARD or window_end[1].kind != STEP:
         raise ValueError(f"stage {stage}: R at slot {k} must come right before the backward that ends a "

@@ -8,13 +8,18 @@ micro-batch j side by side). Both runs go through tests/nccl_order.py, as the on
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from lightning_paci import consolidate
 from lightning_paci.mesh import PipelineLayout
 from lightning_paci.partition import partition_model
-from lightning_paci.schedules import PlanSpec
+from lightning_paci.plan import Plan, format_actions, parse_actions, validate
+from lightning_paci.schedules import PlanSpec, build_plan
+from lightning_paci.simulate import CostModel, simulate_schedule
 from tests.models import token_data
 from tests.reference import fresh_model, replay_plan, replica_batches, train_reference
 from tests.test_pipeline_correctness import LAYERS, assert_same, run_pipeline
@@ -95,3 +100,28 @@ def test_paci_replicas_match_the_replay_of_their_plan(tmp_path):
     units = [partition.stage_units(i) for i in range(N)]
     data = side_by_side(replica_batches(BATCH, STEPS, R), M)
     assert_same(params, replay_plan(PlanSpec("paci", N, M, M).plan(STEPS), units, LAYERS, data, sched=True))
+
+
+def test_plans_with_replicas_all_reduce_before_each_windows_last_backward():
+    plan = build_plan("paci", 2, 2, 4, n_batches=2, replicas=2)
+    assert format_actions(plan.stages[1]) == "F0 B0 F1 B1 F2 B2 F3 R B3 S"
+    assert format_actions(plan.stages[0]) == "F0 F1 B0 F2 B1 F3 B2 R B3 S"
+    bad = [("F0 B0 S", "without an R"), ("F0 R B0 R S", "right before the backward"),
+           ("R F0 B0 S", "right before the backward")]
+    for text, message in bad:
+        stages = (parse_actions(text),) * 2
+        with pytest.raises(ValueError, match=message):
+            validate(Plan("1f1b", 2, 1, 1, 1, stages, replicas=2))
+    with pytest.raises(ValueError, match="one replica"):
+        validate(Plan("1f1b", 2, 1, 1, 1, (parse_actions("F0 R B0 S"),) * 2))
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "paci"])
+def test_simulated_all_reduce_costs_only_what_the_last_backward_cannot_hide(schedule):
+    """Each batch's period grows by max(0, allreduce - backward): the all-reduce runs beside the backward."""
+    base = CostModel.uniform(4, 1.0, 2.0, 0.5)
+    period = {ar: 8 / simulate_schedule(schedule, replace(base, allreduce=(ar,) * 4), 8, replicas=2).rate()
+              for ar in (0.0, 2.0, 3.0, 5.0)}
+    assert period[2.0] == pytest.approx(period[0.0])
+    assert period[3.0] == pytest.approx(period[0.0] + 1.0)
+    assert period[5.0] == pytest.approx(period[0.0] + 3.0)
