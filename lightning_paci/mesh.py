@@ -22,6 +22,8 @@ from datetime import timedelta
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _sync_ddp
 
 from lightning_paci.p2p import boundary_groups
 
@@ -99,3 +101,19 @@ def build_groups(layout: PipelineLayout, rank: int, device_type: str, timeout: t
     ranks = torch.tensor([layout.pipeline_ranks(r) for r in range(layout.replicas)])  # (dp, pp)
     mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("dp", "pp"))
     return MeshGroups(mesh.get_group("dp"), mesh, boundaries)
+
+
+def reduce_over_replicas(tensor: Any, groups: MeshGroups | None, reduce_op: Any = "mean") -> Any:
+    """Lightning's DDP reduction (``_sync_ddp``) over this rank's stage replicas; as is with one replica."""
+    if groups is None or groups.replica_group is None or not isinstance(tensor, torch.Tensor):
+        return tensor
+    return _sync_ddp(tensor, group=groups.replica_group, reduce_op=reduce_op)
+
+
+def gather_over_replicas(tensor: torch.Tensor, groups: MeshGroups | None) -> torch.Tensor:
+    """DDP's ``all_gather`` result (replicas x ...) over this rank's stage replicas."""
+    if groups is None or groups.replica_group is None:
+        return tensor.unsqueeze(0)  # one replica: no collective
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(groups.replica_group))]
+    dist.all_gather(parts, tensor.contiguous(), group=groups.replica_group)
+    return torch.stack(parts)

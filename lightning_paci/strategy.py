@@ -28,7 +28,6 @@ from lightning.fabric.utilities.distributed import (
     _destroy_dist_connection,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
-    _sync_ddp,
 )
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
@@ -59,7 +58,13 @@ from lightning_paci.launch import (
 )
 from lightning_paci.logs import share_callback_metrics
 from lightning_paci.materialize import materialize
-from lightning_paci.mesh import MeshGroups, PipelineLayout, build_groups
+from lightning_paci.mesh import (
+    MeshGroups,
+    PipelineLayout,
+    build_groups,
+    gather_over_replicas,
+    reduce_over_replicas,
+)
 from lightning_paci.p2p import FailureWatch, StageLink
 from lightning_paci.partition import Partition, partition_model
 from lightning_paci.runtime import StageRuntime, alias_parameters
@@ -445,19 +450,11 @@ class PACIStrategy(ParallelStrategy):
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         # Values logged with sync_dist come from the last stage: reduced over its replicas (DDP's value),
         # never over other stages (a collective with them would stall them mid-pipeline).
-        replica_group = self._groups.replica_group if self._groups is not None else None
-        if replica_group is None or not isinstance(tensor, Tensor):
-            return tensor
-        return _sync_ddp(tensor, group=replica_group, reduce_op=reduce_op)  # DDP's reduction, on that group
+        return reduce_over_replicas(tensor, self._groups, reduce_op)
 
     @override
     def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
-        replica_group = self._groups.replica_group if self._groups is not None else None
-        if replica_group is None:
-            return tensor.unsqueeze(0)  # DDP's result for one data-parallel replica, without a collective
-        parts = [torch.empty_like(tensor) for _ in range(self.layout.replicas)]
-        dist.all_gather(parts, tensor.contiguous(), group=replica_group)
-        return torch.stack(parts)
+        return gather_over_replicas(tensor, self._groups)  # DDP's result, over this stage's replicas
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:

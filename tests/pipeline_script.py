@@ -141,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--num-nodes", type=int, default=1, help="Trainer(num_nodes=...), under torchrun")
     parser.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (x stages devices)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=4)
@@ -271,9 +272,9 @@ def main() -> None:
         callbacks.append(_WeightsAtHooks())
     if args.pid_files:
         callbacks.append(_Running(out))
+    devices = 1 if args.shared_device else args.stages * args.replicas // args.num_nodes
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1 if args.shared_device else args.stages * args.replicas,
-        strategy=strategy,
+        accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         max_steps=args.steps, callbacks=callbacks, default_root_dir=args.root_dir,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False, max_epochs=-1,
