@@ -76,10 +76,12 @@ class StageRuntime:
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
                  forward_context: Callable[[], Any] = nullcontext, hooks: StageHooks | None = None,
-                 record_timeline: bool = False, seed: int = 0, replicas: ReplicaGradients | None = None) -> None:
+                 record_timeline: bool = False, seed: int = 0, tied: Callable[[], None] | None = None,
+                 replicas: ReplicaGradients | None = None) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
+        self.tied = tied  # sums gradients of weights tied across stages before each step (tied.py)
         self.device, self.forward_context, self.hooks = device, forward_context, hooks
         self.replicas = replicas
         self.handlers = {"F": self._forward, "B": self._backward, "S": self._step, "R": self._allreduce}
@@ -296,6 +298,8 @@ class StageRuntime:
         self.replicas.start()
 
     def _step(self, _: None) -> None:
+        if self.tied is not None:
+            self.tied()
         if self.replicas is not None:
             self.replicas.finish()  # every hook and the optimizer see the replicas' mean gradient
         for param, alias in self.aliases:
