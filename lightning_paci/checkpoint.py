@@ -65,14 +65,19 @@ def parameter_names(module: nn.Module, aliases: list[tuple[nn.Parameter, nn.Para
 
 
 def save_stage(path: Path, stage: int, rank: int, checkpoint: dict[str, Any], layout: dict[str, Any],
-               schedulers: list[Any], version: int, barrier: Any) -> None:
-    """Collective: write Lightning's ``checkpoint`` dict, every stage its own share (see ``save``)."""
+               schedulers: list[Any], version: int, barrier: Any, replica: int = 0) -> None:
+    """Collective: write Lightning's ``checkpoint`` dict, every stage its own share (see ``save``). With
+    data-parallel replicas (identical copies) replica 0 writes each stage's share; the others take part
+    in the collective writing nothing."""
     model_state = checkpoint.pop("state_dict")
     optimizer_states = checkpoint.pop("optimizer_states", None)
+    writes = replica == 0
+    if not writes:
+        model_state, optimizer_states = {}, None
     meta = {**checkpoint, "pipeline": layout}
     stage_state = {"schedulers": [c.scheduler.state_dict() for c in schedulers], "version": version}
     save(path, stage, rank, model_state, optimizer_states[0] if optimizer_states else None, stage_state, meta,
-         barrier)
+         barrier, writes)
 
 
 def load_stage(path: Path, stage: int, layout: dict[str, Any], module: nn.Module,
@@ -113,8 +118,9 @@ def gather_full_state_dict(own: dict[str, Tensor], rank: int, world_size: int) -
 
 def save(path: Path, stage: int, rank: int, model_state: dict[str, Tensor],
          optimizer_state: dict[str, Any] | None, stage_state: dict[str, Any], meta: dict[str, Any],
-         barrier: Any) -> None:
-    """Collective: every stage calls it with its own states; rank 0 also writes ``meta``."""
+         barrier: Any, writes: bool = True) -> None:
+    """Collective: every stage calls it with its own states; rank 0 also writes ``meta``. A rank with
+    ``writes=False`` (a replica of a stage another rank writes) takes part and writes nothing."""
     tmp = path.with_name(path.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,7 +133,8 @@ def save(path: Path, stage: int, rank: int, model_state: dict[str, Tensor],
                 tensors[f"optim/{name}/{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
         groups = optimizer_state["param_groups"]
     dcp.save(tensors, checkpoint_id=tmp)
-    torch.save({**stage_state, "param_groups": groups}, tmp / f"stage{stage}.pt")
+    if writes:
+        torch.save({**stage_state, "param_groups": groups}, tmp / f"stage{stage}.pt")
     if rank == 0:
         torch.save(meta, tmp / META_FILE)
     barrier()

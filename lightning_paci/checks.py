@@ -41,10 +41,10 @@ def check_arguments(micro_batches: Any, stages: int | None, partition: str, max_
 
 
 def check_devices(stages: int | None, devices: int, shares_device: bool, backend: str | None) -> None:
-    if stages is not None and stages != devices:
-        raise ValueError(f"PACIStrategy(stages={stages}) needs one process per stage, but the Trainer has "
-                         f"{devices} devices: set devices={stages}, or devices=1 to run every stage on one "
-                         "device (data-parallel replicas of a pipeline are not supported yet)")
+    if stages is not None and devices % stages:
+        raise ValueError(f"PACIStrategy(stages={stages}) needs one process per stage of each data-parallel "
+                         f"replica, but the Trainer has {devices} devices x num_nodes: give it a multiple of "
+                         f"{stages} ({stages} x R for R replicas), or devices=1 to run every stage on one device")
     if shares_device and backend not in (None, "gloo"):
         raise ValueError(f"{stages} stages share one device, which NCCL refuses (two ranks on one GPU); drop "
                          f"process_group_backend={backend!r} (gloo is used) or give the Trainer devices={stages}")

@@ -9,6 +9,8 @@ windows are the ones the caller reports (``closes_window``, Lightning's optimize
 - ``B j``: backward of micro-batch j with the gradient from the next stage (the last stage uses its
   loss scaled by 1/accumulation), send the input gradient back.
 - ``S``: optimizer step of this stage, LR schedulers, clear gradients.
+- ``R`` (data-parallel replicas only): the window's last backward all-reduces its gradients over the
+  stage's replicas as it produces them; ``S`` waits for that first (allreduce.py).
 
 ``B`` and ``S`` call Lightning's backward and optimizer-step hooks as one device does (hooks.py).
 
@@ -29,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from lightning_paci.allreduce import ReplicaGradients
 from lightning_paci.batches import combine_outputs, join_predictions, split_batch
 from lightning_paci.clock import clock_for
 from lightning_paci.hollow import StageView
@@ -73,13 +76,15 @@ class StageRuntime:
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
                  forward_context: Callable[[], Any] = nullcontext, hooks: StageHooks | None = None,
-                 record_timeline: bool = False, seed: int = 0, tied: Callable[[], None] | None = None) -> None:
+                 record_timeline: bool = False, seed: int = 0, tied: Callable[[], None] | None = None,
+                 replicas: ReplicaGradients | None = None) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
         self.tied = tied  # sums gradients of weights tied across stages before each step (tied.py)
         self.device, self.forward_context, self.hooks = device, forward_context, hooks
-        self.handlers = {"F": self._forward, "B": self._backward, "S": self._step}
+        self.replicas = replicas
+        self.handlers = {"F": self._forward, "B": self._backward, "S": self._step, "R": self._allreduce}
         entry = module.get_submodule(view.entry) if view.entry is not None else None
         self.randomness = SharedRandomness(seed, self.stage, device, entry)
         self._forwards = self._eval_forwards = 0  # micro-batches run, counted alike on every stage
@@ -287,9 +292,16 @@ class StageRuntime:
             hooks.after_backward(scaled, self.version)
         self.stats.drift[self.version - version] += 1
 
+    def _allreduce(self, _: None) -> None:
+        if self.replicas is None:
+            raise PipelineError("R in the plan of a stage without data-parallel replicas")
+        self.replicas.start()
+
     def _step(self, _: None) -> None:
         if self.tied is not None:
             self.tied()
+        if self.replicas is not None:
+            self.replicas.finish()  # every hook and the optimizer see the replicas' mean gradient
         for param, alias in self.aliases:
             alias.grad = param.grad
         if self.hooks is not None:  # the hooks see the real parameters' grads, clipping acts on the aliases'

@@ -141,6 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--num-nodes", type=int, default=1, help="Trainer(num_nodes=...), under torchrun")
+    parser.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (x stages devices)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -212,14 +214,14 @@ def main() -> None:
     if args.kill_at_swap:
         _kill_at_swap(args.kill_at_swap)
     if args.shared_group:
-        import lightning_paci.strategy
+        import lightning_paci.mesh
 
-        lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None, **_: None
+        lightning_paci.mesh.boundary_groups = lambda ranks, timeout=None, **_: None
     if args.host_headers:
-        import lightning_paci.strategy
+        import lightning_paci.mesh
         from lightning_paci.p2p import boundary_groups
 
-        lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None, **_: boundary_groups(
+        lightning_paci.mesh.boundary_groups = lambda ranks, timeout=None, **_: boundary_groups(
             ranks, timeout, host_headers=True)
     if args.lagging_clock:
         import lightning_paci.runtime
@@ -267,7 +269,7 @@ def main() -> None:
     else:
         strategy = PACIStrategy(schedule=args.schedule, micro_batches=args.micro_batches,
                                 timeout_s=args.timeout, start_method=args.start_method,
-                                stages=args.stages if args.shared_device else None,
+                                stages=args.stages if args.shared_device or args.replicas > 1 else None,
                                 split_points=args.split_points.split(",") if args.split_points else None)
     callbacks = []
     if args.ckpt_dir:
@@ -281,13 +283,15 @@ def main() -> None:
         callbacks.append(_WeightsAtHooks())
     if args.pid_files:
         callbacks.append(_Running(out))
+    devices = 1 if args.shared_device else args.stages * args.replicas // args.num_nodes
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1 if args.shared_device else args.stages, strategy=strategy,
+        accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         max_steps=args.steps, callbacks=callbacks, default_root_dir=args.root_dir,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False, max_epochs=-1,
         # As with DDP, Lightning's sampler shuffles training data; the references read it in order.
-        use_distributed_sampler=args.shuffle and not args.unseeded_shuffle,
+        # Replicas read shards through it (in order here: replica r reads samples r, r+R, ...).
+        use_distributed_sampler=(args.shuffle and not args.unseeded_shuffle) or args.replicas > 1,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0,
@@ -297,7 +301,7 @@ def main() -> None:
             model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype))
         assert all(p.is_meta for p in model.parameters())
     n_batches = args.epoch_batches or args.steps * args.accumulate
-    train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format,
+    train = loader(args.batch_size, n=args.batch_size * n_batches * args.replicas, batch_format=args.batch_format,
                    shuffle=args.shuffle or args.unseeded_shuffle)
     val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
     trainer.fit(model, train, val if args.val_every else None, ckpt_path=args.resume)
@@ -318,7 +322,8 @@ def main() -> None:
     else:
         stage = strategy.stage
         own = {k: v.cpu() for k, v in strategy.lightning_module_state_dict().items()}
-        torch.save(own, out / f"stage{stage}.pt")
+        replica = strategy.replica
+        torch.save(own, out / (f"stage{stage}.pt" if replica == 0 else f"replica{replica}_stage{stage}.pt"))
     if trainer.global_rank == 0:
         # After forked workers Lightning restores trainer.state, not loop progress, in the main process.
         global_step = trainer.global_step if args.start_method == "popen" else None

@@ -50,6 +50,18 @@ def epoch_batches(batch_size: int, n_batches: int, epochs: int, shuffle: bool) -
     return out
 
 
+def replica_batches(batch_size: int, n_batches: int, replicas: int) -> list[list[tuple]]:
+    """What each of ``replicas`` data-parallel replicas reads from ``loader(batch_size, n=batch_size *
+    n_batches * replicas)`` in epoch 0: Lightning's shuffled DistributedSampler (seed 0) with
+    ``num_replicas=replicas, rank=r``; item k holds every replica's batch k."""
+    x, y = token_data(batch_size * n_batches * replicas)
+    shards = []
+    for r in range(replicas):
+        order = torch.tensor(list(DistributedSampler(TensorDataset(x, y), replicas, r, shuffle=True, seed=0)))
+        shards.append([(x[idx], y[idx]) for idx in order.split(batch_size)])
+    return [list(batch) for batch in zip(*shards)]
+
+
 def train_reference(n_layers: int, data: list, accumulate: int = 1, sched: bool = False,
                     extras: bool = False, lit: LitTiny | None = None) -> dict:
     lit = lit if lit is not None else fresh_model(n_layers, extras=extras)
