@@ -235,10 +235,13 @@ class CheckedMultiprocessingLauncher(_ChecksBeforeLaunch, _MultiProcessingLaunch
     @override
     def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: Trainer) -> None:
         module = trainer.lightning_module
-        if worker_output.weights_path is not None and is_overridden("configure_model", module):
-            with torch.device("meta"):  # the layers the workers built (configure_model is idempotent)
-                module.configure_model()
-            if has_meta_tensors(module):  # take the trained tensors as they are (Lightning's load copies)
+        if worker_output.weights_path is not None:
+            if is_overridden("configure_model", module):
+                with torch.device("meta"):  # the layers the workers built (configure_model is idempotent)
+                    module.configure_model()
+            # meta: configure_model's layers or trainer.init_module(empty_init=True); take the trained
+            # tensors as they are (Lightning's load copies into them)
+            if has_meta_tensors(module):
                 state = self._strategy.checkpoint_io.load_checkpoint(worker_output.weights_path)
                 module.load_state_dict(state, strict=False, assign=True)
         super()._recover_results_in_main_process(worker_output, trainer)

@@ -10,6 +10,9 @@ with each input gradient it sends back, so the flag rides upstream inside the pi
   with their own finite gradients (they cannot wait for upstream without a message going the
   other way, i.e. a synchronisation this option is meant to avoid).
 
+With weights tied across stages (tied.py) the step checks the summed gradients again, so a stage
+whose tied copy received a non-finite gradient skips the window too.
+
 Every stage's windows hold the same micro-batches (a step follows the backward that completes one,
 in micro-batch order, on every stage), so "the window" means the same thing on both ends of a
 message. The checks are device ops; the host learns the verdict once per window, at the step.

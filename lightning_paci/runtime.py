@@ -82,10 +82,12 @@ class StageRuntime:
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
                  forward_context: Callable[[], Any] = nullcontext, hooks: StageHooks | None = None,
-                 record_timeline: bool = False, seed: int = 0, skip_nonfinite_windows: bool = False) -> None:
+                 record_timeline: bool = False, seed: int = 0, tied: Callable[[], None] | None = None,
+                 skip_nonfinite_windows: bool = False) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
+        self.tied = tied  # sums gradients of weights tied across stages before each step (tied.py)
         self.device, self.forward_context, self.hooks = device, forward_context, hooks
         # Keys: an action's kind, or an operation's verb and message kind (comm.py's text form).
         self.handlers: dict[str, Callable[[Any], None]] = {
@@ -379,6 +381,9 @@ class StageRuntime:
         return [p.grad for p, _ in self.aliases if p.grad is not None]
 
     def _step(self, _: None) -> None:
+        if self.tied is not None:
+            self.tied()
+            self.guard.backward_done()  # tied gradients summed in from other stages: checked again at the step
         for param, alias in self.aliases:
             alias.grad = param.grad
         if self.hooks is not None:  # the hooks see the real parameters' grads, clipping acts on the aliases'

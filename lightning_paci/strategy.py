@@ -31,11 +31,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
+from lightning_paci.advice import staleness_advice
 from lightning_paci.checks import (
     check_arguments,
     check_devices,
@@ -61,6 +62,7 @@ from lightning_paci.runtime import StageRuntime, alias_parameters
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
 from lightning_paci.signals import PipelineSignals
 from lightning_paci.telemetry import publish_telemetry
+from lightning_paci.tied import TiedGradients, check_tied_schedule
 
 
 class PACIStrategy(ParallelStrategy):
@@ -214,6 +216,7 @@ class PACIStrategy(ParallelStrategy):
         if is_overridden("configure_model", module) and not any(True for _ in module.parameters()):
             return  # the layers come in configure_model, inside each stage process: split them there
         self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        check_tied_schedule(self.partition, self.schedule)
         if trainer.state.fn == TrainerFn.FITTING and len(args) > 1:
             self.check_loader(trainer, args[1])  # fit(model, train_dataloaders, ...)
 
@@ -265,6 +268,7 @@ class PACIStrategy(ParallelStrategy):
                              f"{self.world_size}")
         self._check_module(module, trainer)
         self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        check_tied_schedule(self.partition, self.schedule)
         if self.global_rank == 0:
             print(f"lightning_paci: {self.schedule} over {self.n_stages} stages, "
                   f"{self.micro_batches} micro-batches per batch\n{self.partition.table()}", flush=True)
@@ -272,7 +276,7 @@ class PACIStrategy(ParallelStrategy):
         if self._view is None or self._view.model is not module:  # a later validate/test reuses the view
             units = dict(zip(self.partition.units, self.partition.stage_of))
             self._view = StageView(module, units, self.stage, self.n_stages)
-            others = [u for u, s in units.items() if s != self.stage]
+            others = [u for u, s in units.items() if s != self.stage and u not in self.partition.shared]
             materialize(module, self.root_device, skip=others)  # layers built in configure_model (meta)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -312,6 +316,10 @@ class PACIStrategy(ParallelStrategy):
                              "exactly one (put all parameters in one optimizer, with param groups if they "
                              "need different settings)")
         check_lr_schedulers(self.lr_scheduler_configs)
+        advice = staleness_advice(check_schedule(self.schedule), self.optimizers[0], self.n_stages,
+                                  self.micro_batches, trainer.accumulate_grad_batches)
+        if advice:  # after the schedulers are built: their initial_lr is the peak (advice.py)
+            rank_zero_warn(advice)
         # Each stage steps its own schedulers where the plan says; Lightning must not step them too.
         self._schedulers, self.lr_scheduler_configs = self.lr_scheduler_configs, []
         self._aliases = alias_parameters(self.optimizers[0])
@@ -324,11 +332,14 @@ class PACIStrategy(ParallelStrategy):
                          staged=self.root_device.type != "cpu" and self._process_group_backend == "gloo",
                          timeout_s=self._timeout.total_seconds())
         fitting = trainer.state.fn == TrainerFn.FITTING
+        rank_of = [self.world_size - 1 - i for i in range(self.n_stages)]  # stage i on rank N-1-i
+        tied = (TiedGradients(self.lightning_module, self.partition, self.stage, rank_of, self._timeout)
+                if fitting and self.partition.tied else None)  # every rank creates the same groups
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
         self.runtime = StageRuntime(
             self.lightning_module, self._view, spec, link,
             optimizer=self.optimizers[0] if fitting else None,
-            aliases=self._aliases, schedulers=self._schedulers,
+            aliases=self._aliases, schedulers=self._schedulers, tied=tied,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
             hooks=StageHooks(self.lightning_module, self.precision_plugin, self.stage, trainer.log_every_n_steps),
             record_timeline=self._record_timeline, skip_nonfinite_windows=self.skip_nonfinite_windows,
@@ -339,6 +350,18 @@ class PACIStrategy(ParallelStrategy):
     def model_sharded_context(self) -> Generator[None, None, None]:
         """``configure_model`` builds on the meta device; each stage then materializes its own units."""
         with torch.device("meta"):
+            yield
+
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``with trainer.init_module(empty_init=True)``: the model is built on the meta device, as under
+        FSDP, and each stage materializes only its own units (materialize.py); otherwise as Lightning."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
             yield
 
     # -- the training loop -------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import lightning as L
 class TokenThroughput(L.Callback):
     """Logs ``perf/tokens_seen``, ``perf/elapsed_s`` and ``perf/tokens_per_s`` (running average)
     after every training batch, and ``val/elapsed_s`` and ``val/tokens_seen`` with every validation
-    so each validation perplexity has its time and token count at the same step."""
+    so each validation perplexity has its time and token count at the same step (and
+    ``val/unigram_ppl``, the data module's context-free baseline, when it has one)."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -58,6 +59,9 @@ class TokenThroughput(L.Callback):
         if trainer.sanity_checking:
             return
         at = {"val/elapsed_s": self._elapsed(self._val_start), "val/tokens_seen": float(self.tokens)}
+        unigram = getattr(trainer.datamodule, "val_unigram_perplexity", None)
+        if unigram is not None:  # compare.py's baseline line: the level of a model that ignores context
+            at["val/unigram_ppl"] = float(unigram())
         pl_module.log_dict(at, sync_dist=True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -234,6 +234,10 @@ def main() -> None:
                         help="Trainer(devices=1), PACIStrategy(stages=N): every stage process on one device")
     parser.add_argument("--accelerator", default="cpu", help="cpu, or cuda for tests/test_gpu.py")
     parser.add_argument("--meta-init", action="store_true", help="the model's layers come in configure_model")
+    parser.add_argument("--init-module", action="store_true",
+                        help="build the model under trainer.init_module(empty_init=True) (on the meta device)")
+    parser.add_argument("--hf", default=None, help="a tiny Hugging Face model instead (tests/models_hf.py KINDS)")
+    parser.add_argument("--split-points", default=None, help="comma-separated PACIStrategy(split_points=...)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -263,8 +267,14 @@ def main() -> None:
         L.seed_everything(0, verbose=False)
     module_class = (TwoOptimizers if args.two_optimizers else LitMeta if args.meta_init
                     else RandomMasking if args.masking else LitTiny)
-    model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
-                    sched=args.sched, dropout=args.dropout, **({"extras": True} if args.extras else {}))
+    if args.hf:
+        from tests.models_hf import LitHF
+
+        model = LitHF(args.hf, dtype=getattr(torch, args.dtype), sched=args.sched)
+    else:
+        model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype),
+                             batch_format=args.batch_format, sched=args.sched, dropout=args.dropout,
+                             **({"extras": True} if args.extras else {}))
     if args.save_hparams:
         model.save_hyperparameters({"n_layers": args.layers, "dtype": getattr(torch, args.dtype),
                                     "batch_format": args.batch_format, "sched": args.sched,
@@ -294,6 +304,7 @@ def main() -> None:
         strategy = PACIStrategy(schedule=args.schedule, micro_batches=args.micro_batches,
                                 timeout_s=args.timeout, start_method=args.start_method,
                                 stages=args.stages if args.shared_device else None,
+                                split_points=args.split_points.split(",") if args.split_points else None,
                                 skip_nonfinite_windows=args.skip_nonfinite)
     callbacks = []
     if args.ckpt_dir:
@@ -322,6 +333,10 @@ def main() -> None:
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0,
         check_val_every_n_epoch=None if args.val_total else 1)
+    if args.init_module:  # built again, now on the meta device: each stage materializes its own units
+        with trainer.init_module(empty_init=True):
+            model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype))
+        assert all(p.is_meta for p in model.parameters())
     n_batches = args.epoch_batches or args.steps * args.accumulate
     train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format,
                    shuffle=args.shuffle or args.unseeded_shuffle)

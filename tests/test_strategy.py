@@ -167,7 +167,7 @@ class Tied(LitTiny):
     (Tied, {}, 2, "tied weights across stages"),
     (lambda: LitTiny(n_layers=2), {}, 4, "at most 3 stages"),
     (LitTiny, {"stages": 3}, 2, "set devices=3"),
-    (LitTiny, {"split_points": ["model.nope"]}, 2, "are not units of the model"),
+    (LitTiny, {"split_points": ["model.nope"]}, 2, "are not modules of the model"),
     (lambda: LitTiny(n_layers=8), {"max_drift": 1, "micro_batches": 2, "stages": 4}, 4, "micro_batches>=3"),
 ])
 def test_bad_input_fails_before_processes_start(make, kwargs, devices, message):
