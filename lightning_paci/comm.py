@@ -1,7 +1,9 @@
 """The messages a plan implies, and a proof that they cannot deadlock under gloo's or NCCL's rules.
 
 ``lower`` turns one stage's actions into the ordered program its process runs: the compute actions
-F/B/S with the point-to-point operations between them, in the order they are posted. Two messages
+F/B/S with the point-to-point operations between them, in the order they are posted. The runtime
+executes exactly this program (runtime.StageRuntime._run, one handler per action and operation), so
+what ``check_transport`` proves is what runs. Two messages
 cross each stage boundary per micro-batch: ``A`` (activations, stage i -> i+1) and ``G`` (its
 gradient with the loss, i+1 -> i). Operations print compactly and parse back::
 
@@ -73,12 +75,15 @@ def parse_op(token: str) -> CommOp | None:
 
 
 def lower(actions: Sequence[Any], stage: int, n_stages: int, micro_batches: int,
-          posting: str = EAGER) -> tuple[Any, ...]:
+          posting: str = EAGER, gradients: bool = True, wait_sends: bool = True) -> tuple[Any, ...]:
     """One stage's program: its actions with the sends, receives and waits they imply.
 
     Micro-batch ``j`` belongs to batch ``j // micro_batches``; with ``EAGER`` posting a stage posts
     the next activation receive only while another forward of the same batch follows (a receive left
-    posted across a drain would swallow the first message after it).
+    posted across a drain would swallow the first message after it). The runtime lowers one batch at a
+    time with ``wait_sends=False`` and each drain with ``W`` at its end: no receive crosses a batch's
+    end, so the concatenation is ``lower`` of the whole plan. ``gradients=False``: forwards only (an
+    evaluation batch), no gradient comes back.
     """
     if posting not in (EAGER, LAZY):
         raise ValueError(f"posting={posting!r}: choose {EAGER!r} or {LAZY!r}")
@@ -99,7 +104,7 @@ def lower(actions: Sequence[Any], stage: int, n_stages: int, micro_batches: int,
             out.append(action)
             if not last:
                 out.append(CommOp(SEND, ACTIVATION, j))
-                if posting == EAGER:
+                if posting == EAGER and gradients:
                     out.append(CommOp(POST_RECV, GRADIENT, j))
         elif action.kind == "B":
             if not last:
@@ -113,7 +118,8 @@ def lower(actions: Sequence[Any], stage: int, n_stages: int, micro_batches: int,
             out.append(action)
     if posted:
         raise ValueError(f"stage {stage}: activation receives {sorted(posted)} left posted at the end")
-    out.append(CommOp(WAIT_SENDS))
+    if wait_sends:
+        out.append(CommOp(WAIT_SENDS))
     return tuple(out)
 
 

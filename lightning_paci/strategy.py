@@ -97,6 +97,12 @@ class PACIStrategy(ParallelStrategy):
         timeout_s: every wait on another stage gives up after this many seconds.
         num_threads: torch threads per stage process on CPU; default: cores / local stages.
         record_timeline: keep a per-action timeline (``stage_timeline``) for traces and Gantt charts.
+        skip_nonfinite_windows: skip the optimizer step of a window (its micro-batches' accumulated
+            gradients, dropped) whose loss or gradients are non-finite, without any collective: the flag
+            rides upstream with the gradients, so a non-finite loss skips the window on every stage, and
+            non-finite gradients on stage i alone skip it on stages 0..i while later stages step it.
+            Step counts and LR schedulers advance as when AMP's GradScaler skips a step; telemetry counts
+            ``skipped_windows`` per stage (lightning_paci/nonfinite.py).
         process_group_backend: override ``gloo`` (CPU) / ``nccl`` (CUDA).
 
     After setup, ``stage_split`` is the split itself (a ``partition.Partition``: units per stage), which
@@ -117,6 +123,7 @@ class PACIStrategy(ParallelStrategy):
         timeout_s: float = 600.0,
         num_threads: int | None = None,
         record_timeline: bool = False,
+        skip_nonfinite_windows: bool = False,
         process_group_backend: str | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -134,6 +141,7 @@ class PACIStrategy(ParallelStrategy):
         self.partition, self.max_drift = partition, max_drift
         self._start_method, self._timeout = start_method, timedelta(seconds=timeout_s)
         self._num_threads, self._record_timeline = num_threads, record_timeline
+        self.skip_nonfinite_windows = skip_nonfinite_windows
         self._process_group_backend = process_group_backend
         self._num_nodes = 1
         self._aliases: list[tuple[nn.Parameter, nn.Parameter]] = []
@@ -366,7 +374,7 @@ class PACIStrategy(ParallelStrategy):
             aliases=self._aliases, schedulers=self._schedulers, tied=tied,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
             hooks=StageHooks(self.lightning_module, self.precision_plugin, self.stage, trainer.log_every_n_steps),
-            record_timeline=self._record_timeline,
+            record_timeline=self._record_timeline, skip_nonfinite_windows=self.skip_nonfinite_windows,
             seed=self.broadcast(torch.initial_seed() % 2**63),  # one seed for the stages' shared randomness
             replicas=averaging)
 

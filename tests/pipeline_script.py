@@ -137,6 +137,38 @@ class _Running(L.Callback):
             path.write_text(str(os.getpid()))
 
 
+class _ProgramTrace(L.Callback):
+    """Every action and message operation this stage executed (runtime.record_trace), written to
+    ``trace_stage<i>.json`` when the fit ends, after the last drain."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.trace = out, None
+
+    def on_train_start(self, trainer, module) -> None:
+        self.trace = trainer.strategy.runtime.record_trace()
+
+    def on_fit_end(self, trainer, module) -> None:
+        stage = trainer.strategy.stage
+        (self.out / f"trace_stage{stage}.json").write_text(json.dumps([str(op) for op in self.trace]))
+
+
+class _InfGradient(L.Callback):
+    """The first parameter of ``unit`` gets an infinite gradient at the ``at``-th backward through it
+    (counted from 0), on the stage that owns it: non-finite local gradients on one stage only."""
+
+    def __init__(self, unit: str, at: int) -> None:
+        self.unit, self.at, self.count = unit, at, 0
+
+    def on_train_start(self, trainer, module) -> None:
+        param = next(module.get_submodule(self.unit).parameters())
+        if not param.is_meta:
+            param.register_hook(self._hook)
+
+    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return torch.full_like(grad, float("inf")) if self.count - 1 == self.at else grad
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
@@ -160,6 +192,10 @@ def main() -> None:
     parser.add_argument("--fail-unit", default=None)
     parser.add_argument("--fail-step", type=int, default=0)
     parser.add_argument("--nan-step", type=int, default=-1, help="the logits turn NaN at this global step")
+    parser.add_argument("--inf-grad-unit", default=None, help="this unit's gradient turns inf (see --inf-grad-at)")
+    parser.add_argument("--inf-grad-at", type=int, default=0, help="at the unit's n-th backward (from 0)")
+    parser.add_argument("--skip-nonfinite", action="store_true", help="PACIStrategy(skip_nonfinite_windows=True)")
+    parser.add_argument("--trace", action="store_true", help="write each stage's executed program")
     parser.add_argument("--hang", action="store_true", help="--fail-unit sleeps an hour instead of raising")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--start-method", default="popen")
@@ -270,7 +306,8 @@ def main() -> None:
         strategy = PACIStrategy(schedule=args.schedule, micro_batches=args.micro_batches,
                                 timeout_s=args.timeout, start_method=args.start_method,
                                 stages=args.stages if args.shared_device or args.replicas > 1 else None,
-                                split_points=args.split_points.split(",") if args.split_points else None)
+                                split_points=args.split_points.split(",") if args.split_points else None,
+                                skip_nonfinite_windows=args.skip_nonfinite)
     callbacks = []
     if args.ckpt_dir:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(args.ckpt_dir, save_top_k=-1, every_n_epochs=1,
@@ -283,6 +320,10 @@ def main() -> None:
         callbacks.append(_WeightsAtHooks())
     if args.pid_files:
         callbacks.append(_Running(out))
+    if args.trace:
+        callbacks.append(_ProgramTrace(out))
+    if args.inf_grad_unit:
+        callbacks.append(_InfGradient(args.inf_grad_unit, args.inf_grad_at))
     devices = 1 if args.shared_device else args.stages * args.replicas // args.num_nodes
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
