@@ -30,11 +30,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-META_FILE = "meta.pt"
+from lightning_paci._registration import META_FILE
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with parameter indices replaced by parameter names."""
+    """``optimizer.state_dict()`` with parameter indices replaced by parameter names.
+
+    Not torch.distributed.checkpoint.state_dict's ``get_optimizer_state_dict``/``set_optimizer_state_dict``
+    (tried, torch 2.13): they name an optimizer's parameters through ``model.named_parameters()`` by
+    identity, and the optimizer holds aliases (runtime.alias_parameters), so they fail (KeyError 0);
+    and on an optimizer with no state yet they run a zero-lr ``step()`` to create it, which on the live
+    optimizer would count one Adam step too many when a checkpoint is saved before the first step.
+    """
     state = optimizer.state_dict()
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     return {
@@ -58,14 +65,19 @@ def parameter_names(module: nn.Module, aliases: list[tuple[nn.Parameter, nn.Para
 
 
 def save_stage(path: Path, stage: int, rank: int, checkpoint: dict[str, Any], layout: dict[str, Any],
-               schedulers: list[Any], version: int, barrier: Any) -> None:
-    """Collective: write Lightning's ``checkpoint`` dict, every stage its own share (see ``save``)."""
+               schedulers: list[Any], version: int, barrier: Any, replica: int = 0) -> None:
+    """Collective: write Lightning's ``checkpoint`` dict, every stage its own share (see ``save``). With
+    data-parallel replicas (identical copies) replica 0 writes each stage's share; the others take part
+    in the collective writing nothing."""
     model_state = checkpoint.pop("state_dict")
     optimizer_states = checkpoint.pop("optimizer_states", None)
+    writes = replica == 0
+    if not writes:
+        model_state, optimizer_states = {}, None
     meta = {**checkpoint, "pipeline": layout}
     stage_state = {"schedulers": [c.scheduler.state_dict() for c in schedulers], "version": version}
     save(path, stage, rank, model_state, optimizer_states[0] if optimizer_states else None, stage_state, meta,
-         barrier)
+         barrier, writes)
 
 
 def load_stage(path: Path, stage: int, layout: dict[str, Any], module: nn.Module,
@@ -106,8 +118,9 @@ def gather_full_state_dict(own: dict[str, Tensor], rank: int, world_size: int) -
 
 def save(path: Path, stage: int, rank: int, model_state: dict[str, Tensor],
          optimizer_state: dict[str, Any] | None, stage_state: dict[str, Any], meta: dict[str, Any],
-         barrier: Any) -> None:
-    """Collective: every stage calls it with its own states; rank 0 also writes ``meta``."""
+         barrier: Any, writes: bool = True) -> None:
+    """Collective: every stage calls it with its own states; rank 0 also writes ``meta``. A rank with
+    ``writes=False`` (a replica of a stage another rank writes) takes part and writes nothing."""
     tmp = path.with_name(path.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,7 +133,8 @@ def save(path: Path, stage: int, rank: int, model_state: dict[str, Tensor],
                 tensors[f"optim/{name}/{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
         groups = optimizer_state["param_groups"]
     dcp.save(tensors, checkpoint_id=tmp)
-    torch.save({**stage_state, "param_groups": groups}, tmp / f"stage{stage}.pt")
+    if writes:
+        torch.save({**stage_state, "param_groups": groups}, tmp / f"stage{stage}.pt")
     if rank == 0:
         torch.save(meta, tmp / META_FILE)
     barrier()
@@ -216,28 +230,6 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
         meta.pop(key, None)
     torch.save(meta, out)
     return out
-
-
-def explain_directory_loads() -> None:
-    """Make ``MyModule.load_from_checkpoint(<pipeline checkpoint directory>)`` say what to do instead
-    of a bare IsADirectoryError (wraps the loader Lightning's ``_load_from_checkpoint`` calls)."""
-    from lightning.pytorch.core import saving
-
-    load = saving.pl_load
-    if getattr(load, "explains_pipeline_checkpoints", False):
-        return
-
-    def pl_load(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(path_or_url, (str, Path)) and (Path(path_or_url) / META_FILE).is_file():
-            raise IsADirectoryError(
-                f"{path_or_url} is a lightning_paci pipeline checkpoint, a directory with each stage's "
-                "tensors: write it as one ordinary Lightning checkpoint with "
-                f"lightning_paci.consolidate({str(path_or_url)!r}, 'model.ckpt'), then load that file "
-                "(resuming a pipeline run takes the directory as it is: trainer.fit(ckpt_path=...))")
-        return load(path_or_url, *args, **kwargs)
-
-    pl_load.explains_pipeline_checkpoints = True  # type: ignore[attr-defined]
-    saving.pl_load = pl_load
 
 
 def load(path: Path, stage: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -16,6 +16,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from lightning_paci.partition import PARTITIONS
@@ -39,10 +41,10 @@ def check_arguments(micro_batches: Any, stages: int | None, partition: str, max_
 
 
 def check_devices(stages: int | None, devices: int, shares_device: bool, backend: str | None) -> None:
-    if stages is not None and stages != devices:
-        raise ValueError(f"PACIStrategy(stages={stages}) needs one process per stage, but the Trainer has "
-                         f"{devices} devices: set devices={stages}, or devices=1 to run every stage on one "
-                         "device (data-parallel replicas of a pipeline are not supported yet)")
+    if stages is not None and devices % stages:
+        raise ValueError(f"PACIStrategy(stages={stages}) needs one process per stage of each data-parallel "
+                         f"replica, but the Trainer has {devices} devices x num_nodes: give it a multiple of "
+                         f"{stages} ({stages} x R for R replicas), or devices=1 to run every stage on one device")
     if shares_device and backend not in (None, "gloo"):
         raise ValueError(f"{stages} stages share one device, which NCCL refuses (two ranks on one GPU); drop "
                          f"process_group_backend={backend!r} (gloo is used) or give the Trainer devices={stages}")
@@ -68,6 +70,7 @@ def check_module(module: LightningModule, trainer: Trainer, precision_plugin: An
     if isinstance(precision_plugin, MixedPrecision) and precision_plugin.scaler is not None:
         raise ValueError("precision='16-mixed' needs a gradient scaler whose inf check spans all "
                          "stages; use precision='bf16-mixed' (or 32)")
+    check_batch_norm(module, micro_batches)
     accumulation = micro_batches * trainer.accumulate_grad_batches
     if schedule == "paci" and max_drift is not None:
         bound = drift_bound(0, n_stages, accumulation)
@@ -78,6 +81,19 @@ def check_module(module: LightningModule, trainer: Trainer, precision_plugin: An
             need = math.ceil((n_stages - 1) / (max_drift * trainer.accumulate_grad_batches))
             raise ValueError(f"PACI with {n_stages} stages and accumulation {accumulation} drifts "
                              f"up to {bound} updates > max_drift={max_drift}: use micro_batches>={need}")
+
+
+def check_batch_norm(module: nn.Module, micro_batches: int) -> None:
+    """Batch norm over a micro-batch normalizes with other statistics than over the batch on one device
+    (and updates its running stats once per micro-batch): refused rather than silently different."""
+    if micro_batches == 1:
+        return
+    names = [n for n, m in module.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    if names:
+        raise ValueError(f"{names[:3]} normalize over the batch, but each stage sees micro-batches of "
+                         f"1/{micro_batches} of it, so outputs and running statistics would differ from one "
+                         "device. Use micro_batches=1, a norm within each sample (LayerNorm, GroupNorm), or "
+                         "put these modules in eval mode (frozen statistics)")
 
 
 def check_callbacks(trainer: Trainer) -> None:

@@ -1,7 +1,9 @@
 """The messages a plan implies, and a proof that they cannot deadlock under gloo's or NCCL's rules.
 
 ``lower`` turns one stage's actions into the ordered program its process runs: the compute actions
-F/B/S with the point-to-point operations between them, in the order they are posted. Two messages
+F/B/S with the point-to-point operations between them, in the order they are posted. The runtime
+executes exactly this program (runtime.StageRuntime._run, one handler per action and operation), so
+what ``check_transport`` proves is what runs. Two messages
 cross each stage boundary per micro-batch: ``A`` (activations, stage i -> i+1) and ``G`` (its
 gradient with the loss, i+1 -> i). Operations print compactly and parse back::
 
@@ -39,6 +41,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
+from lightning_paci.dataflow import advance
+
 ACTIVATION, GRADIENT = "A", "G"
 POST_RECV, WAIT, SEND, WAIT_SENDS = "r", "w", "s", "W"
 EAGER, LAZY = "eager", "lazy"
@@ -61,29 +65,25 @@ class CommOp(NamedTuple):
     __repr__ = __str__
 
 
-def parse_program(text: str) -> tuple[Any, ...]:
-    """Parse ``"rA0 wA0 F0 sA0"`` (compute actions and operations) back into a program."""
-    from lightning_paci.plan import parse_actions
-
-    out: list[Any] = []
-    for token in text.split():
-        match = _OP_RE.match(token)
-        if match is None:
-            out += parse_actions(token)
-        elif token == WAIT_SENDS:
-            out.append(CommOp(WAIT_SENDS))
-        else:
-            out.append(CommOp(match[1], match[2], int(match[3])))
-    return tuple(out)
+def parse_op(token: str) -> CommOp | None:
+    """The operation ``token`` names (``"sA3"``, ``"W"``), or None (``plan.parse_program`` reads actions
+    and operations together)."""
+    match = _OP_RE.match(token)
+    if match is None:
+        return None
+    return CommOp(WAIT_SENDS) if token == WAIT_SENDS else CommOp(match[1], match[2], int(match[3]))
 
 
 def lower(actions: Sequence[Any], stage: int, n_stages: int, micro_batches: int,
-          posting: str = EAGER) -> tuple[Any, ...]:
+          posting: str = EAGER, gradients: bool = True, wait_sends: bool = True) -> tuple[Any, ...]:
     """One stage's program: its actions with the sends, receives and waits they imply.
 
     Micro-batch ``j`` belongs to batch ``j // micro_batches``; with ``EAGER`` posting a stage posts
     the next activation receive only while another forward of the same batch follows (a receive left
-    posted across a drain would swallow the first message after it).
+    posted across a drain would swallow the first message after it). The runtime lowers one batch at a
+    time with ``wait_sends=False`` and each drain with ``W`` at its end: no receive crosses a batch's
+    end, so the concatenation is ``lower`` of the whole plan. ``gradients=False``: forwards only (an
+    evaluation batch), no gradient comes back.
     """
     if posting not in (EAGER, LAZY):
         raise ValueError(f"posting={posting!r}: choose {EAGER!r} or {LAZY!r}")
@@ -104,7 +104,7 @@ def lower(actions: Sequence[Any], stage: int, n_stages: int, micro_batches: int,
             out.append(action)
             if not last:
                 out.append(CommOp(SEND, ACTIVATION, j))
-                if posting == EAGER:
+                if posting == EAGER and gradients:
                     out.append(CommOp(POST_RECV, GRADIENT, j))
         elif action.kind == "B":
             if not last:
@@ -118,7 +118,8 @@ def lower(actions: Sequence[Any], stage: int, n_stages: int, micro_batches: int,
             out.append(action)
     if posted:
         raise ValueError(f"stage {stage}: activation receives {sorted(posted)} left posted at the end")
-    out.append(CommOp(WAIT_SENDS))
+    if wait_sends:
+        out.append(CommOp(WAIT_SENDS))
     return tuple(out)
 
 
@@ -153,31 +154,29 @@ def check_transport(programs: Sequence[Sequence[Any]], transport: Transport,
     if transport not in ("gloo", "nccl"):
         raise ValueError(f"transport={transport!r}: choose 'gloo' or 'nccl'")
     n = len(programs)
-    cursor = [0] * n
     queues: dict[tuple, dict[int, deque[CommOp]]] = {}
     done: list[set[CommOp]] = [set() for _ in range(n)]
     open_sends = [0] * n
-    progress = True
-    while progress:
-        progress = False
-        for i in range(n):  # advance every stage as far as its waits allow
-            while cursor[i] < len(programs[i]):
-                op = programs[i][cursor[i]]
-                if isinstance(op, CommOp):
-                    if op.verb == WAIT and CommOp(POST_RECV, op.kind, op.micro_batch) not in done[i]:
-                        break
-                    if op.verb == WAIT_SENDS and open_sends[i]:
-                        break
-                    if op.verb in (POST_RECV, SEND):
-                        peer = _peer(i, op)
-                        if not 0 <= peer < n:
-                            raise ValueError(f"stage {i}: {op} has no peer (stage {peer})")
-                        key = _stream(i, op, transport, channels)
-                        queues.setdefault(key, {}).setdefault(i, deque()).append(op)
-                        open_sends[i] += op.verb == SEND
-                cursor[i] += 1
-                progress = True
-        for ends in queues.values():  # complete matching heads
+
+    def run(i: int, k: int, op: Any) -> bool:
+        """Compute actions and posts never block; a wait runs once what it waits for completed."""
+        if not isinstance(op, CommOp):
+            return True
+        if op.verb == WAIT:
+            return CommOp(POST_RECV, op.kind, op.micro_batch) in done[i]
+        if op.verb == WAIT_SENDS:
+            return not open_sends[i]
+        peer = _peer(i, op)
+        if not 0 <= peer < n:
+            raise ValueError(f"stage {i}: {op} has no peer (stage {peer})")
+        queues.setdefault(_stream(i, op, transport, channels), {}).setdefault(i, deque()).append(op)
+        open_sends[i] += op.verb == SEND
+        return True
+
+    def match() -> bool:
+        """Complete the matching heads of every stream; True if any completed."""
+        matched = False
+        for ends in queues.values():
             if len(ends) < 2:
                 continue
             (a, qa), (b, qb) = sorted(ends.items())
@@ -189,7 +188,10 @@ def check_transport(programs: Sequence[Sequence[Any]], transport: Transport,
                 for stage, op in ((a, x), (b, y)):
                     done[stage].add(op)
                     open_sends[stage] -= op.verb == SEND
-                progress = True
+                matched = True
+        return matched
+
+    cursor = advance(programs, run, match)
     stuck = [i for i in range(n) if cursor[i] < len(programs[i])]
     pending = {key: ends for key, ends in queues.items() if any(ends.values())}
     if stuck or pending:

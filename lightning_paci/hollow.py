@@ -23,7 +23,26 @@ they take part, i.e. in the prefix (shape inference) or by mistake: the stage's 
 nothing. Outside the prefix an op mixing a marked tensor with a real one raises a
 ``PartitionError`` naming the parameter or module it came from (``x @ emb.weight.T`` with the
 embedding on another stage: weight tying inside the forward); ops on marked tensors alone
-(``.T``, ``.is_meta``, ``state_dict``) stay allowed and keep the mark.
+(``.T``, ``.is_meta``, ``state_dict``) stay allowed and keep the mark. Every meta tensor the prefix
+computes is marked too (``torch.arange(T, device=x.device)`` with ``x`` hollow).
+
+Tensors computed once in the prefix and handed to several modules (GPT-2's ``position_ids``,
+attention masks, Llama's RoPE ``(cos, sin)``) are *carried*: the previous stage sends every tensor
+argument of this stage's first unit, and the pre-hook remembers which meta tensor each received
+one replaces. Every later module of the stage, and the hook that ends the stage, swaps those same
+meta tensors (by identity: the user's code passes the same object to every block) for the received
+values. A meta tensor that did not cross (used by a later block only) raises a ``PartitionError``
+naming the module, the argument and the boundary.
+
+Shared units (partition.py: no parameters, no persistent buffers) are never hollow: each stage runs
+them itself, on meta in the prefix and for real after it, wherever the forward calls them.
+
+``StageOutput`` derives from ``BaseException`` so that a user's ``except Exception`` around a call of
+the model (a fallback path, a retry) cannot swallow the end of a stage's forward.
+A call of the whole model outside ``run`` (Lightning's model summary with ``example_input_array``)
+runs as one long prefix: every unit on meta, no stage boundary, shapes only. Each process lacks
+the other stages' weights, so values are not available; layer input and output sizes, all a
+summary reports, are those of one device.
 """
 
 from __future__ import annotations
@@ -34,15 +53,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
+
+from lightning_paci.partition import is_shared_unit
 
 
 class PartitionError(RuntimeError):
     """The model's forward does not follow the stage split."""
 
 
-class StageOutput(Exception):
-    """Raised at the next stage's first unit; carries the tensors that cross the boundary."""
+class StageOutput(BaseException):
+    """Raised at the next stage's first unit; carries the tensors that cross the boundary. A
+    BaseException: user code catching ``Exception`` around the model call must let it through."""
 
     def __init__(self, tensors: list[Tensor]) -> None:
         super().__init__("stage output")
@@ -96,6 +118,14 @@ def _to_meta(tree: Any) -> Any:
                           spec)
 
 
+def _argument(args: tuple, kwargs: dict, index: int) -> str:
+    """How the ``index``-th flat leaf of ``(args, kwargs)`` is passed: ``args[0]``, ``position_embeddings[1]``."""
+    paths, _ = tree_flatten_with_path((args, kwargs))
+    top, first, *rest = paths[index][0]  # (args, kwargs) index, then the position or keyword
+    name = f"args[{first.idx}]" if top.idx == 0 else str(first.key)
+    return name + keystr(tuple(rest))
+
+
 def _signature(training: bool, flat: list[Any]) -> tuple | None:
     """What a hollow unit's output shapes depend on; None if an argument is not simple to compare."""
     key: list[Any] = [training]
@@ -118,10 +148,11 @@ class MetaPrefix(TorchFunctionMode):
     only when it is the innermost mode; ``end(final=True)`` after the micro-batch pops it anyway.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, view: StageView | None = None) -> None:
         super().__init__()
         self.active = False
         self._pushed = False
+        self._view = view
 
     def begin(self) -> None:
         self.active = True
@@ -141,6 +172,18 @@ class MetaPrefix(TorchFunctionMode):
             tensors = [t for t in flat if isinstance(t, Tensor)]
             if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors):
                 args, kwargs = _to_meta((args, kwargs))
+            out = func(*args, **kwargs)
+            if self._view is None:
+                return out
+            # Unmarked meta results (a factory given device=meta, an op on unmarked meta inputs) get a
+            # mark, so that using one in real compute after the prefix fails instead of reading garbage.
+            leaves, spec = tree_flatten(out)
+            if not any(isinstance(t, Tensor) and t.is_meta and not isinstance(t, _Marked) for t in leaves):
+                return out
+            origin = (f"a tensor computed by {getattr(func, '__name__', func)} before stage {self._view.stage} "
+                      f"began at {self._view.entry}")
+            return tree_unflatten([_mark(t, origin, self._view) if isinstance(t, Tensor) and not
+                                   isinstance(t, _Marked) else t for t in leaves], spec)
         return func(*args, **kwargs)
 
 
@@ -154,24 +197,37 @@ class StageView:
 
     def __init__(self, model: nn.Module, units: dict[str, int], stage: int, n_stages: int) -> None:
         self.model, self.stage, self.n_stages = model, stage, n_stages
-        self.prefix = MetaPrefix()
+        self.prefix = MetaPrefix(self)
         self._received: list[Tensor] | None = None
+        # id(meta tensor of the prefix) -> (that tensor, the value received for it), this micro-batch
+        self._carried: dict[int, tuple[Tensor, Tensor]] = {}
         self._modules = dict(model.named_modules())
         self._handles = []
+        self.shared = {name for name in units if is_shared_unit(self._modules[name])}
+        self._running = False  # inside run(): a micro-batch of the pipeline, else a shapes-only call
+        self._shapes_only = False
+        self._handles.append(model.register_forward_pre_hook(self._whole_call_begins))
+        self._handles.append(model.register_forward_hook(self._whole_call_ends, always_call=True))
         first_of = {}
         for name, s in units.items():
-            first_of.setdefault(s, name)
+            if name not in self.shared:
+                first_of.setdefault(s, name)
         self.entry = first_of[stage] if stage > 0 else None
         self.exit = first_of[stage + 1] if stage + 1 < n_stages else None
         for name, s in units.items():
             module = self._modules[name]
-            if s == stage:
+            if name in self.shared:
+                self._handles.append(module.register_forward_pre_hook(self._check_real(name, shared=True),
+                                                                      with_kwargs=True))
+            elif s == stage:
                 hook = self._enter if name == self.entry else self._check_real(name)
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
                 module.to("meta")
                 self._mark_tensors(name, s, module)
-                module.forward = self._hollow_forward(name, s, module.forward)
+                # A torch.compile'd unit infers shapes with its original module: dynamo has nothing to
+                # gain on meta, and would trace the marked tensors' __torch_function__.
+                module.forward = self._hollow_forward(name, s, getattr(module, "_orig_mod", module).forward)
                 if name == self.exit:
                     self._handles.append(module.register_forward_pre_hook(self._leave, with_kwargs=True))
 
@@ -198,14 +254,18 @@ class StageView:
 
     def run(self, fn: Callable[[], Any], received: list[Tensor]) -> tuple[Any, list[Tensor] | None]:
         """Run one micro-batch of user code; returns (its result, None) or (None, tensors to send)."""
-        self._received = received
-        if self.stage == 0:
-            return self._call(fn)
-        self.prefix.begin()
+        self._received, self._running = received, True
         try:
-            result = self._call(fn)
+            if self.stage == 0:
+                return self._call(fn)
+            self.prefix.begin()
+            try:
+                result = self._call(fn)
+            finally:
+                self.prefix.end(final=True)
+                self._carried = {}
         finally:
-            self.prefix.end(final=True)
+            self._running = False
         if self._received is not None:
             raise PartitionError(f"stage {self.stage} never reached its first module {self.entry}: the "
                                  "forward did not call it; pass split_points naming modules it calls")
@@ -218,7 +278,19 @@ class StageView:
             return None, out.tensors
 
     # -- hooks ---------------------------------------------------------------------------------------
+    def _whole_call_begins(self, module: nn.Module, args: tuple) -> None:
+        if not self._running and not self._shapes_only:
+            self._shapes_only = True
+            self.prefix.begin()
+
+    def _whole_call_ends(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._shapes_only:
+            self._shapes_only = False
+            self.prefix.end(final=True)
+
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._shapes_only:
+            return None
         if self._received is None:
             raise PartitionError(f"{self.entry}, the first module of stage {self.stage}, ran twice in one "
                                  "forward; a stage must start at a module called once per forward")
@@ -228,31 +300,58 @@ class StageView:
             raise PartitionError(f"stage {self.stage} received {len(self._received)} tensors but "
                                  f"{self.entry} takes {len(slots)}")
         for k, t in zip(slots, self._received):
-            if tuple(flat[k].shape) != tuple(t.shape):
-                raise PartitionError(f"stage {self.stage}: {self.entry} expects an input of shape "
-                                     f"{tuple(flat[k].shape)} but stage {self.stage - 1} sent "
-                                     f"{tuple(t.shape)}")
+            if tuple(flat[k].shape) != tuple(t.shape) or flat[k].dtype != t.dtype:
+                raise PartitionError(
+                    f"boundary stage {self.stage - 1} -> {self.stage} at {self.entry}: its argument "
+                    f"{_argument(args, kwargs, k)} should be {tuple(flat[k].shape)} {flat[k].dtype} (as "
+                    f"this stage computes it) but stage {self.stage - 1} sent {tuple(t.shape)} {t.dtype}; "
+                    "the model's forward must build the same shapes on every stage")
+            if flat[k].is_meta:
+                self._carried[id(flat[k])] = (flat[k], t)
             flat[k] = t
         self._received = None
         self.prefix.end()
         return tree_unflatten(flat, spec)
 
     def _leave(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._shapes_only:
+            return
         if self.prefix.active:
             raise PartitionError(f"{self.exit} (stage {self.stage + 1}) was called before stage "
                                  f"{self.stage} began at {self.entry}: the forward calls modules out of "
                                  "registration order; pass split_points in execution order")
-        flat, _ = tree_flatten((args, kwargs))
+        flat = self._substitute(args, kwargs, f"{self.exit}, where stage {self.stage + 1} begins")
         raise StageOutput([t for t in flat if isinstance(t, Tensor)])
 
-    def _check_real(self, name: str) -> Callable:
-        def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            flat, _ = tree_flatten((args, kwargs))
-            if any(isinstance(t, Tensor) and t.is_meta for t in flat):
+    def _substitute(self, args: tuple, kwargs: dict, where: str) -> list[Any]:
+        """The flat arguments with carried tensors swapped in; raises if a meta tensor is left."""
+        flat, _ = tree_flatten((args, kwargs))
+        for k, t in enumerate(flat):
+            if isinstance(t, Tensor) and t.is_meta:
+                carried = self._carried.get(id(t))
+                if carried is None or carried[0] is not t:
+                    raise PartitionError(
+                        f"argument {_argument(args, kwargs, k)} of {where} on stage {self.stage} is a tensor "
+                        f"computed before this stage began at {self.entry} (by another stage's modules, or "
+                        f"from their outputs), and it is not an input of {self.entry}, so it did not cross "
+                        f"the boundary from stage {self.stage - 1}. Pass it to {self.entry} as well, or "
+                        f"choose split_points so that the modules using it start the stage")
+                flat[k] = carried[1]
+        return flat
+
+    def _check_real(self, name: str, shared: bool = False) -> Callable:
+        def check(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            flat, spec = tree_flatten((args, kwargs))
+            if self._shapes_only or not any(isinstance(t, Tensor) and t.is_meta for t in flat):
+                return None
+            if self.prefix.active:
+                if shared:  # a shared unit in the prefix computes shapes, like the rest of the prefix
+                    return None
                 raise PartitionError(
                     f"{name} (stage {self.stage}) was called before {self.entry or 'the stage'} began: the "
                     "forward calls modules out of registration order; reorder the submodules' "
                     "registration or pass split_points")
+            return tree_unflatten(self._substitute(args, kwargs, name), spec)
         return check
 
     def _hollow_forward(self, name: str, owner: int, forward: Callable) -> Callable:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -43,7 +43,21 @@ _LAUNCHER_PID = "LIGHTNING_PACI_LAUNCHER_PID"  # set by rank 0 for the stage pro
 
 if TYPE_CHECKING:
     from lightning_paci.signals import PipelineSignals
-    from lightning_paci.strategy import PACIStrategy
+
+
+class DrainPoints(Protocol):
+    """What ``PipelineSync`` calls on the strategy (PACIStrategy is one); a Protocol, so this module does
+    not import the strategy that imports it."""
+
+    def drain(self) -> None: ...
+
+    def sync_metrics(self) -> None: ...
+
+    def send_hook_logs(self) -> None: ...
+
+    def publish_telemetry(self) -> None: ...
+
+    def check_loader(self, trainer: Trainer, loader: Any) -> None: ...
 
 
 def drop_per_batch_sigterm_broadcast(trainer: Trainer, signals: PipelineSignals) -> None:
@@ -103,7 +117,7 @@ class PipelineSync(Callback):
     """Runs first among callbacks: drains at the ends of epochs and of training, so that every later
     hook sees final weights, and makes the last stage's metrics visible on every stage."""
 
-    def __init__(self, strategy: PACIStrategy) -> None:
+    def __init__(self, strategy: DrainPoints) -> None:
         self.strategy = strategy
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,11 +1,12 @@
 """Point-to-point traffic between neighbouring stages over torch.distributed (gloo or NCCL).
 
 Activations flow down the pipeline (stage i -> i+1), gradients come back (i+1 -> i) together with
-the micro-batch's loss, so every stage learns the loss without a collective. Each direction carries
-one kind of message on a process group of its own (``boundary_groups``) and both ends handle
-micro-batches in the same order, so FIFO matching suffices, under gloo's per-message matching and
-under NCCL's one stream per group and rank pair alike (comm.py models both and proves every plan's
-order of posts deadlock-free; on one shared group NCCL would deadlock at the first backward).
+the micro-batch's loss and the window's non-finite flag (nonfinite.py), so every stage learns both
+without a collective. Each direction carries one kind of message on a process group of its own
+(``boundary_groups``) and both ends handle micro-batches in the same order, so FIFO matching
+suffices, under gloo's per-message matching and under NCCL's one stream per group and rank pair
+alike (comm.py models both and proves every plan's order of posts deadlock-free; on one shared
+group NCCL would deadlock at the first backward).
 
 An activation message is a fixed-size int64 header (count, then dtype code, requires_grad, rank and
 sizes of each tensor) followed by the tensors and the micro-batch's fingerprint (inputs.py: a
@@ -25,12 +26,15 @@ guess with placeholder tensors of the old shapes, then sends the message again, 
 receiver (seeing a new header) receives with the right shapes. The first message of a link is
 received header first.
 
-Receives are posted early where the order of messages makes it safe: the receive of the next
-activation message as soon as a forward has its input and another forward of the batch follows, and the
-receive of a forward's gradients right after its activations are sent (every forward's backward
-runs before the next drain ends, in forward order). gloo then moves the message while this stage
-computes instead of when it asks for it; on the 2-core benchmark this raised PACI's utilization
-from 0.89 to 0.93-0.95 per stage.
+This class decides nothing about when messages move: the runtime executes the stage's program (comm.lower)
+and calls one primitive per operation: ``post_activations``/``wait_activations``/``send_activations``
+(rA/wA/sA), ``post_grads``/``wait_grads``/``send_grads`` (rG/wG/sG) and ``wait_sends`` (W); each
+carries the micro-batch it is for, and a wait for another micro-batch than the oldest posted
+receive fails. The program posts receives early where the order of messages makes it safe: the
+next activation receive of a batch as soon as the current one arrived, a gradient receive right
+after its activations were sent. gloo then moves the message while this stage computes instead of
+when it asks for it; on the 2-core benchmark this raised PACI's utilization from 0.89 to 0.93-0.95
+per stage.
 
 Sends are non-blocking; a send is waited for only when too many are outstanding or at a drain,
 oldest first. That never deadlocks: the receiver consumes messages in the order they were sent and
@@ -55,6 +59,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_paci.clock import CudaEventClock, HostClock
+from lightning_paci.comm import ACTIVATION, GRADIENT, POST_RECV, SEND, WAIT, WAIT_SENDS, CommOp
 from lightning_paci.inputs import FINGERPRINT_LEN
 
 FAILURE_KEY = "lightning_paci/failure"
@@ -187,15 +192,25 @@ class StageLink:
         # the runtime takes them (telemetry, timeline; see clock.py)
         self.clock: HostClock | CudaEventClock = HostClock()
         self.waits: list[tuple[Any, Any, str]] = []
+        # Every operation this link carried out, in order, when a list is given (tests compare it with
+        # comm.lower of the plan that ran).
+        self.trace: list[Any] | None = None
         self._pending: deque[tuple[dist.Work, list[Tensor]]] = deque()
         self._sent_header: list[int] | None = None  # the last activation header each way (sticky shapes)
         self._received_header: list[int] | None = None
-        # Receives posted before the action that needs them (expect_activations / expect_grads).
-        self._early_activations: tuple[Tensor, list[Tensor], list[dist.Work]] | None = None  # guess + fingerprint
-        self._early_grads: deque[tuple[list[Tensor], list[dist.Work]]] = deque()
+        # Posted receives not yet waited for, oldest first: (micro-batch, header, guess + fingerprint, works)
+        # and (micro-batch, buffers, works).
+        self._activation_recvs: deque[tuple[int, Tensor, list[Tensor], list[dist.Work]]] = deque()
+        self._grad_recvs: deque[tuple[int, list[Tensor], list[dist.Work]]] = deque()
 
-    # -- activations -------------------------------------------------------------------------
-    def send_activations(self, tensors: list[Tensor], fingerprint: Tensor) -> None:
+    def _traced(self, verb: str, kind: str | None = None, micro_batch: int | None = None) -> None:
+        if self.trace is not None:
+            self.trace.append(CommOp(verb, kind, micro_batch))
+
+    # -- activations (A) ----------------------------------------------------------------------
+    def send_activations(self, micro_batch: int, tensors: list[Tensor], fingerprint: Tensor) -> None:
+        """``sA j``: post the send of micro-batch j's boundary tensors and its fingerprint."""
+        self._traced(SEND, ACTIVATION, micro_batch)
         fields = [len(tensors)]
         for t in tensors:
             fields += [_DTYPES.index(t.dtype), int(t.requires_grad), t.dim(), *t.shape]
@@ -219,14 +234,19 @@ class StageLink:
             self._send([header], self.next_rank, headers)
             self._send(tensors, self.next_rank, activations)
 
-    def expect_activations(self) -> None:
-        """Post the next activation message's receive now, shaped like the last one, so that gloo
-        moves it while this stage computes. Only for a message that surely comes before the next
-        drain (the runtime posts one while another forward of the same batch follows)."""
-        if self._early_activations is None:
-            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self._header_device)
-            guess = self._empty(self._received_header) if self._received_header is not None else []
-            self._early_activations = (header, guess, self._post_message(header, guess))
+    def post_activations(self, micro_batch: int) -> None:
+        """``rA j``: post the receive of micro-batch j's activations, shaped like the last message, so
+        that the transport moves it while this stage computes. One at a time: a message with new shapes
+        arrives as a placeholder and then again (sticky shapes), which a second posted receive would
+        swallow."""
+        self._traced(POST_RECV, ACTIVATION, micro_batch)
+        if self._activation_recvs:
+            waiting = self._activation_recvs[0][0]
+            raise PipelineError(f"stage {self.stage}: rA{micro_batch} posted while rA{waiting} still waits; the "
+                                "program must wait for one activation message before posting the next")
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self._header_device)
+        guess = self._empty(self._received_header) if self._received_header is not None else []
+        self._activation_recvs.append((micro_batch, header, guess, self._post_message(header, guess)))
 
     def _post_message(self, header: Tensor | None, tensors: list[Tensor]) -> list[dist.Work]:
         activations, _, headers = self._prev_groups
@@ -236,14 +256,15 @@ class StageLink:
             return self._post([header] + tensors, self.prev_rank, activations)
         return self._post([header], self.prev_rank, headers) + self._post(tensors, self.prev_rank, activations)
 
-    def recv_activations(self) -> tuple[list[Tensor], Tensor]:
-        """The activations of the next micro-batch and its fingerprint."""
-        self.expect_activations()
-        (header, guess, works), self._early_activations = self._early_activations, None
+    def wait_activations(self, micro_batch: int) -> tuple[list[Tensor], Tensor]:
+        """``wA j``: micro-batch j's activations (posted by ``post_activations``) and its fingerprint."""
+        self._traced(WAIT, ACTIVATION, micro_batch)
+        j, header, guess, works = self._oldest(self._activation_recvs, ACTIVATION, micro_batch)
         self._wait_all(works, self.prev_rank)
         fields = header.tolist()  # a host tensor: no device sync
         if fields != self._received_header:
-            # The link's first message, or new shapes (`guess` got placeholders and the message follows).
+            # The link's first message, or new shapes (`guess` got placeholders and the message follows):
+            # the rest of this one message, on the activation group, where nothing else is queued.
             again = header if self._received_header is not None else None
             self._received_header, guess = fields, self._empty(fields)
             self._wait_all(self._post_message(again, guess), self.prev_rank)
@@ -252,6 +273,14 @@ class StageLink:
         for t, requires_grad in zip(arrived, self._requires_grad(fields)):
             t.requires_grad_(requires_grad)
         return arrived, fingerprint
+
+    def _oldest(self, posted: deque, kind: str, micro_batch: int) -> tuple:
+        if not posted or posted[0][0] != micro_batch:
+            head = f"{kind}{posted[0][0]}" if posted else "none"
+            raise PipelineError(f"stage {self.stage}: w{kind}{micro_batch} without its receive posted (oldest "
+                                f"posted: {head}); messages match in posted order, so every wait needs its "
+                                f"r{kind} first, in micro-batch order")
+        return posted.popleft()
 
     def _arrive(self, tensors: list[Tensor]) -> list[Tensor]:
         return tensors if self._wire == self.device else [t.to(self.device) for t in tensors]
@@ -274,30 +303,34 @@ class StageLink:
             pos += 3 + fields[pos + 2]
         return out
 
-    # -- gradients (+ the micro-batch loss) ---------------------------------------------------
-    def send_grads(self, grads: list[Tensor], loss: Tensor) -> None:
-        loss = loss.detach().reshape(1).to(device=self._wire, dtype=torch.float64)
-        self._send([g.to(self._wire).contiguous() for g in grads] + [loss], self.prev_rank, self._prev_groups[1])
+    # -- gradients (G), with the micro-batch loss and the window's non-finite flag ----------------
+    def send_grads(self, micro_batch: int, grads: list[Tensor], loss: Tensor, nonfinite: Tensor) -> None:
+        """``sG j``: post the send of micro-batch j's input gradients, its loss and ``nonfinite`` (whether
+        the window of j must be skipped, see the runtime's skip_nonfinite_windows) in one message."""
+        self._traced(SEND, GRADIENT, micro_batch)
+        tail = torch.stack([loss.detach().reshape(()), nonfinite.reshape(())]).to(self._wire, torch.float64)
+        self._send([g.to(self._wire).contiguous() for g in grads] + [tail], self.prev_rank, self._prev_groups[1])
 
-    def expect_grads(self, outputs: list[Tensor]) -> None:
-        """Post the receive of the gradients for ``outputs`` (just sent on) now. Backwards run in
-        forward order and every forward's backward runs before a drain ends, so ``recv_grads``
-        takes these in FIFO order and none is left posted."""
+    def post_grads(self, micro_batch: int, outputs: list[Tensor]) -> None:
+        """``rG j``: post the receive of the gradients for ``outputs`` (micro-batch j's, sent on), into
+        contiguous buffers."""
+        self._traced(POST_RECV, GRADIENT, micro_batch)
         buffers = [torch.empty(o.shape, dtype=o.dtype, device=self._wire) for o in outputs]  # contiguous
-        buffers.append(torch.empty(1, dtype=torch.float64, device=self._wire))
-        self._early_grads.append((buffers, self._post(buffers, self.next_rank, self._next_groups[1])))
+        buffers.append(torch.empty(2, dtype=torch.float64, device=self._wire))
+        self._grad_recvs.append((micro_batch, buffers, self._post(buffers, self.next_rank, self._next_groups[1])))
 
-    def recv_grads(self, outputs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        if not self._early_grads:
-            self.expect_grads(outputs)
-        buffers, works = self._early_grads.popleft()
+    def wait_grads(self, micro_batch: int) -> tuple[list[Tensor], Tensor, Tensor]:
+        """``wG j``: micro-batch j's output gradients, its loss and the non-finite flag (0-d tensors)."""
+        self._traced(WAIT, GRADIENT, micro_batch)
+        _, buffers, works = self._oldest(self._grad_recvs, GRADIENT, micro_batch)
         self._wait_all(works, self.next_rank)
-        *grads, loss = self._arrive(buffers)
-        return grads, loss
+        *grads, tail = self._arrive(buffers)
+        return grads, tail[0], tail[1]
 
     # -- plumbing --------------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Wait for every outstanding send (at drains, before anything else may use the peers)."""
+    def wait_sends(self) -> None:
+        """``W``: wait for every outstanding send (at drains, before anything else may use the peers)."""
+        self._traced(WAIT_SENDS)
         while self._pending:
             self._wait_oldest_send()
 

@@ -5,7 +5,10 @@ runtime executes it, the simulator times it, the tests check it and the grid pri
 Nothing here imports torch.
 
 Actions print compactly and parse back: ``F3`` forward of micro-batch 3, ``B3`` its backward,
-``S`` an optimizer step of the stage (it follows the backward that completes a window)::
+``S`` an optimizer step of the stage (it follows the backward that completes a window), ``R`` the
+all-reduce of the window's gradients over the stage's data-parallel replicas (``replicas > 1``): it
+comes right before the window's last backward, whose gradients it averages as they are produced,
+and ``S`` waits for it::
 
     >>> parse_actions("F0 F1 B0 S")
     (F0, F1, B0, S)
@@ -19,14 +22,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from lightning_paci.comm import EAGER, PER_DIRECTION, check_transport, lower_plan
+from lightning_paci.comm import EAGER, PER_DIRECTION, CommOp, check_transport, lower_plan, parse_op
 
-FORWARD, BACKWARD, STEP = "F", "B", "S"
-_ACTION_RE = re.compile(r"^(?:([FB])(\d+)|S)$")
+FORWARD, BACKWARD, STEP, ALLREDUCE = "F", "B", "S", "R"
+_ACTION_RE = re.compile(r"^(?:([FB])(\d+)|([SR]))$")
 
 
 class Action(NamedTuple):
-    """One unit of stage work: ``kind`` is F, B or S; ``micro_batch`` is None for S."""
+    """One unit of stage work: ``kind`` is F, B, S or R; ``micro_batch`` is None for S and R."""
 
     kind: str
     micro_batch: int | None = None
@@ -46,6 +49,7 @@ def B(j: int) -> Action:
 
 
 S = Action(STEP)
+R = Action(ALLREDUCE)
 
 
 def parse_actions(text: str) -> tuple[Action, ...]:
@@ -54,10 +58,19 @@ def parse_actions(text: str) -> tuple[Action, ...]:
     for token in text.split():
         match = _ACTION_RE.match(token)
         if match is None:
-            raise ValueError(f"cannot parse action {token!r}: expected F<n>, B<n> or S")
-        kind, j = match.groups()
-        actions.append(S if kind is None else Action(kind, int(j)))
+            raise ValueError(f"cannot parse action {token!r}: expected F<n>, B<n>, S or R")
+        kind, j, single = match.groups()
+        actions.append(Action(single) if kind is None else Action(kind, int(j)))
     return tuple(actions)
+
+
+def parse_program(text: str) -> tuple[Action | CommOp, ...]:
+    """Parse a lowered program's text form (``"rA0 wA0 F0 sA0"``, see comm.py) back into one."""
+    out: list[Action | CommOp] = []
+    for token in text.split():
+        op = parse_op(token)
+        out += parse_actions(token) if op is None else [op]
+    return tuple(out)
 
 
 def format_actions(actions: tuple[Action, ...] | list[Action]) -> str:
@@ -69,7 +82,8 @@ class Plan:
     """Per-stage action lists for ``n_batches`` global batches, ending drained.
 
     ``stages[i]`` is what stage ``i`` (0 = first) runs; micro-batch ``j`` belongs to global batch
-    ``j // micro_batches``. ``accumulation`` is the number of backwards each optimizer step averages.
+    ``j // micro_batches``. ``accumulation`` is the number of backwards each optimizer step averages;
+    ``replicas`` the number of data-parallel copies of the pipeline (each S then follows an R).
     """
 
     schedule: str
@@ -78,12 +92,14 @@ class Plan:
     accumulation: int
     n_batches: int
     stages: tuple[tuple[Action, ...], ...]
+    replicas: int = 1
 
     def grid(self, mark: tuple[int, int] | None = None) -> str:
         """The plan as a stage x slot table; ``mark=(stage, index)`` brackets one cell."""
         width = max((len(str(a)) for acts in self.stages for a in acts), default=1) + 2
         lines = [f"{self.schedule}: {self.n_stages} stages, {self.micro_batches} micro-batches, "
-                 f"accumulation {self.accumulation}, {self.n_batches} batches"]
+                 f"accumulation {self.accumulation}, {self.n_batches} batches"
+                 + (f", {self.replicas} replicas" if self.replicas > 1 else "")]
         for i, actions in enumerate(self.stages):
             cells = []
             for k, action in enumerate(actions):
@@ -101,7 +117,7 @@ def version_drift(actions: tuple[Action, ...] | list[Action]) -> dict[int, int]:
             version += 1
         elif action.kind == FORWARD:
             at_forward[action.micro_batch] = version
-        else:
+        elif action.kind == BACKWARD:
             drift[action.micro_batch] = version - at_forward[action.micro_batch]
     return drift
 
@@ -143,10 +159,13 @@ def validate(plan: Plan) -> None:
         if forwards != list(range(n_micro)) or backwards != list(range(n_micro)):
             raise ValueError(f"stage {i}: forwards and backwards must each cover micro-batches "
                              f"0..{n_micro - 1} in order, got {format_actions(actions)}")
-        seen, since_step = set(), 0
+        seen, since_step, reducing = set(), 0, False
         for k, action in enumerate(actions):
             nxt = actions[k + 1] if k + 1 < len(actions) else None
-            if action.kind == FORWARD:
+            if action.kind == ALLREDUCE:
+                _check_allreduce(plan, i, k, actions)
+                reducing = True
+            elif action.kind == FORWARD:
                 seen.add(action.micro_batch)
             elif action.kind == BACKWARD:
                 if action.micro_batch not in seen:
@@ -160,9 +179,25 @@ def validate(plan: Plan) -> None:
                 if since_step != plan.accumulation and not partial_drain_step:
                     raise ValueError(f"stage {i}: step at slot {k} after {since_step} backwards; steps "
                                      f"come after every {plan.accumulation}th, or last to drain a window")
-                since_step = 0
+                if plan.replicas > 1 and not reducing:
+                    raise ValueError(f"stage {i}: step at slot {k} without an R before the window's last "
+                                     f"backward: {plan.replicas} replicas would step on different gradients")
+                since_step, reducing = 0, False
         if since_step:
             raise ValueError(f"stage {i}: plan ends with {since_step} backwards not stepped (not drained)")
+        if reducing:
+            raise ValueError(f"stage {i}: an R is not followed by its window's step")
     programs = lower_plan(plan, EAGER)
     for transport in ("gloo", "nccl"):
         check_transport(programs, transport, PER_DIRECTION)
+
+
+def _check_allreduce(plan: Plan, stage: int, k: int, actions: tuple[Action, ...]) -> None:
+    """R belongs right before the backward that ends a window (then S), and only with replicas: the
+    all-reduce averages that backward's gradients as they come, overlapping it."""
+    if plan.replicas == 1:
+        raise ValueError(f"stage {stage}: R at slot {k} in a plan of one replica (nothing to all-reduce)")
+    window_end = actions[k + 1:k + 3]
+    if len(window_end) < 2 or window_end[0].kind != BACKWARD or window_end[1].kind != STEP:
+        raise ValueError(f"stage {stage}: R at slot {k} must come right before the backward that ends a "
+                         f"window (then S), found {format_actions(window_end) or 'the end of the plan'}")

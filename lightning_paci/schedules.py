@@ -19,9 +19,9 @@ where the pipeline is empty.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from lightning_paci.plan import Action, B, F, Plan, S, validate
+from lightning_paci.plan import Action, B, F, Plan, R, S, validate
 
 SCHEDULES = ("paci", "1f1b", "gpipe")
 # The Lightning strategy names (StrategyRegistry) for each schedule.
@@ -90,6 +90,17 @@ def _with_steps(actions: list[Action], accumulation: int, m: int, closes: Collec
     return out
 
 
+def _with_allreduce(actions: list[Action]) -> list[Action]:
+    """``R`` right before each backward that an ``S`` follows: with data-parallel replicas, the window's
+    gradients are averaged over them while that last backward produces them, and S waits for it."""
+    out = []
+    for k, action in enumerate(actions):
+        if action.kind == "B" and k + 1 < len(actions) and actions[k + 1] == S:
+            out.append(R)
+        out.append(action)
+    return out
+
+
 @dataclass(frozen=True)
 class PlanSpec:
     """A schedule with its sizes; the runtime asks it for one batch (or one drain) at a time."""
@@ -98,10 +109,11 @@ class PlanSpec:
     n_stages: int
     micro_batches: int
     accumulation: int
+    replicas: int = 1  # data-parallel copies of the pipeline: each window's step follows an R
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", check_schedule(self.schedule))  # "pipe_1f1b" -> "1f1b"
-        for name in ("n_stages", "micro_batches", "accumulation"):
+        for name in ("n_stages", "micro_batches", "accumulation", "replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -109,7 +121,10 @@ class PlanSpec:
         """Actions stage ``stage`` runs while batch ``k`` (since the last drain) trains; ``closes``:
         the batches (since the last drain) that end a window, if not every accumulation-th backward."""
         fb = _forwards_backwards(self.schedule, stage, self.n_stages, self.micro_batches, k)
-        return tuple(_with_steps(fb, self.accumulation, self.micro_batches, closes))
+        return self._reduced(_with_steps(fb, self.accumulation, self.micro_batches, closes))
+
+    def _reduced(self, actions: list[Action]) -> tuple[Action, ...]:
+        return tuple(_with_allreduce(actions) if self.replicas > 1 else actions)
 
     def drain(self, stage: int, n_batches: int, closes: Collection[int] | None = None) -> tuple[Action, ...]:
         """Actions that empty the pipeline after ``n_batches`` batches. Without ``closes`` they close
@@ -119,25 +134,26 @@ class PlanSpec:
                            self.accumulation, m, closes)
         if closes is None and (n_batches * m) % self.accumulation:
             owed.append(S)
-        return tuple(owed)
+        return self._reduced(owed)
 
     def plan(self, n_batches: int, closes: Collection[int] | None = None) -> Plan:
         """The whole segment: batches 0..n_batches-1 then the drain, for every stage. ``validate``
         accepts only plans with the fixed windows (``closes=None``)."""
-        stages = []
+        single = replace(self, replicas=1)  # R goes in once the whole list is known: a drain's S may
+        stages = []  # close a window whose last backward ran in the last batch
         for i in range(self.n_stages):
             actions: list[Action] = []
             for k in range(n_batches):
-                actions += self.batch(i, k, closes)
-            stages.append(tuple(actions) + self.drain(i, n_batches, closes))
+                actions += single.batch(i, k, closes)
+            stages.append(self._reduced(actions + list(single.drain(i, n_batches, closes))))
         return Plan(self.schedule, self.n_stages, self.micro_batches, self.accumulation, n_batches,
-                    tuple(stages))
+                    tuple(stages), self.replicas)
 
 
 def build_plan(schedule: str, n_stages: int, micro_batches: int, accumulation: int | None = None,
-               n_batches: int = 1) -> Plan:
+               n_batches: int = 1, replicas: int = 1) -> Plan:
     """Validated plan; ``accumulation`` defaults to ``micro_batches`` (one step per global batch)."""
-    spec = PlanSpec(schedule, n_stages, micro_batches, accumulation or micro_batches)
+    spec = PlanSpec(schedule, n_stages, micro_batches, accumulation or micro_batches, replicas)
     plan = spec.plan(n_batches)
     validate(plan)
     return plan

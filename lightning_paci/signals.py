@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 from lightning.pytorch import Trainer
@@ -34,11 +34,19 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
-if TYPE_CHECKING:
-    from lightning_paci.strategy import PACIStrategy
-
 log = logging.getLogger("lightning.pytorch.lightning_paci")  # printed where Lightning prints its own
 STOP, REQUEUE = "stop", "requeue"
+
+
+class Stages(Protocol):
+    """What the signal handling needs of the strategy (PACIStrategy is one); a Protocol, so this module
+    does not import the strategy that imports it."""
+
+    n_stages: int
+    stage: int
+    world_size: int
+
+    def drain(self) -> None: ...
 
 
 class PipelineSignals:
@@ -46,7 +54,7 @@ class PipelineSignals:
     Lightning registers them, i.e. in ``Strategy.setup``); ``at_batch_start`` runs at each training
     batch boundary and ``at_train_end`` after the final drain."""
 
-    def __init__(self, trainer: Trainer, strategy: PACIStrategy) -> None:
+    def __init__(self, trainer: Trainer, strategy: Stages) -> None:
         self.trainer, self.strategy = trainer, strategy
         self.margin = 2 * strategy.n_stages
         self.pending: dict[str, int | None] = {}  # request -> agreed batch (None: not agreed yet)

@@ -6,7 +6,10 @@ reports is a property of the schedule, not of a second implementation of it. Sem
 - a stage runs its plan's actions in order, one at a time;
 - F(j) on stage i>0 starts no earlier than F(j) ended on stage i-1 plus ``transfer``; B(j) on
   stage i<N-1 no earlier than B(j) ended on stage i+1 plus ``transfer``; sends never block;
-- F, B and S on stage i last ``forward[i]``, ``backward[i]`` and ``step[i]``.
+- F, B and S on stage i last ``forward[i]``, ``backward[i]`` and ``step[i]``;
+- with data-parallel replicas, R takes no stage time: the all-reduce of stage i's gradients
+  (``allreduce[i]``) starts with the backward after R, beside it (overlapped), and S starts no
+  earlier than its end. Replicas are identical, so one replica's timeline is simulated.
 
 Each action starts at the later of "its stage is free" and "its input has arrived", so the
 timeline is the earliest-start schedule of the plan's dependency graph; nothing else is modelled.
@@ -51,10 +54,21 @@ import argparse
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lightning_paci.plan import BACKWARD, FORWARD, STEP, Plan, drift_histogram, max_drift, peak_in_flight
+from lightning_paci.dataflow import advance
+from lightning_paci.plan import (
+    ALLREDUCE,
+    BACKWARD,
+    FORWARD,
+    STEP,
+    Action,
+    Plan,
+    drift_histogram,
+    max_drift,
+    peak_in_flight,
+)
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
 from lightning_paci.timeline import TimelineEvent, plot_gantt, write_chrome_trace
 
@@ -69,8 +83,13 @@ class CostModel:
     backward: tuple[float, ...]
     step: tuple[float, ...]
     transfer: float = 0.0
+    allreduce: tuple[float, ...] = ()  # seconds per stage to all-reduce its gradients; () = free
 
     def __post_init__(self) -> None:
+        allreduce = tuple(float(v) for v in self.allreduce) or (0.0,) * len(self.forward)
+        object.__setattr__(self, "allreduce", allreduce)
+        if len(self.allreduce) != len(self.forward) or any(v < 0 for v in self.allreduce):
+            raise ValueError(f"allreduce needs one cost >= 0 per stage, got {self.allreduce}")
         for name in ("forward", "backward", "step"):
             values = tuple(float(v) for v in getattr(self, name))
             object.__setattr__(self, name, values)  # accept lists, store hashable tuples
@@ -119,8 +138,8 @@ def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False,
     ``durations``, one list per stage with one value per action of its plan, replaces the cost
     model's per-stage means (``costs`` then gives only the transfer): see :func:`replay`.
 
-    Stages are swept repeatedly, each advancing while its next action's input has ended; every
-    action's start is then final because it depends only on already-timed actions.
+    Stages advance in dependency order (``dataflow.advance``): an action is timed once its input's
+    action has ended, so its start is final when it is timed.
     """
     n = plan.n_stages
     if costs.n_stages != n:
@@ -128,29 +147,31 @@ def run_plan(plan: Plan, costs: CostModel, record_waits: bool = False,
     if durations is not None and [len(d) for d in durations] != [len(a) for a in plan.stages]:
         raise ValueError(f"durations give {[len(d) for d in durations]} actions per stage, the plan has "
                          f"{[len(a) for a in plan.stages]}")
-    duration = {FORWARD: costs.forward, BACKWARD: costs.backward, STEP: costs.step}
-    cursor, clock = [0] * n, [0.0] * n
+    duration = {FORWARD: costs.forward, BACKWARD: costs.backward, STEP: costs.step, ALLREDUCE: (0.0,) * n}
+    clock = [0.0] * n
+    reduced = [0.0] * n  # when the all-reduce started by each stage's last R ends
     ended: list[dict] = [{} for _ in range(n)]
     events: list[TimelineEvent] = []
-    progress = True
-    while progress:
-        progress = False
-        for i, actions in enumerate(plan.stages):
-            while cursor[i] < len(actions):
-                action = actions[cursor[i]]
-                source = {FORWARD: i - 1, BACKWARD: i + 1}.get(action.kind, -1)
-                start = clock[i]
-                if 0 <= source < n:
-                    if action not in ended[source]:
-                        break
-                    start = max(start, ended[source][action] + costs.transfer)
-                if record_waits and start > clock[i]:
-                    events.append(TimelineEvent(i, "recv", clock[i], start))
-                took = duration[action.kind][i] if durations is None else durations[i][cursor[i]]
-                clock[i] = ended[i][action] = start + took
-                events.append(TimelineEvent(i, str(action), start, clock[i]))
-                cursor[i] += 1
-                progress = True
+
+    def run(i: int, k: int, action: Action) -> bool:
+        source = {FORWARD: i - 1, BACKWARD: i + 1}.get(action.kind, -1)
+        start = clock[i]
+        if 0 <= source < n:
+            if action not in ended[source]:
+                return False  # its input has not been computed yet
+            start = max(start, ended[source][action] + costs.transfer)
+        if k and plan.stages[i][k - 1].kind == ALLREDUCE:
+            reduced[i] = start + costs.allreduce[i]  # it runs beside this (the window's last) backward
+        if action.kind == STEP:
+            start = max(start, reduced[i])
+        if record_waits and start > clock[i]:
+            events.append(TimelineEvent(i, "recv", clock[i], start))
+        took = duration[action.kind][i] if durations is None else durations[i][k]
+        clock[i] = ended[i][action] = start + took
+        events.append(TimelineEvent(i, str(action), start, clock[i]))
+        return True
+
+    cursor = advance(plan.stages, run)
     stuck = [i for i in range(n) if cursor[i] < len(plan.stages[i])]
     if stuck:
         raise ValueError(f"plan deadlocks at stage {stuck[0]}\n" + plan.grid(mark=(stuck[0], cursor[stuck[0]])))
@@ -282,17 +303,11 @@ def simulate(plan: Plan, costs: CostModel, record_waits: bool = False) -> SimRes
                      window_batches, steady_rate, tuple(stages))
 
 
-def plan_name(name: str) -> str:
-    """Plan name (paci, 1f1b, gpipe) for a plan or Lightning strategy name (pipe_1f1b, ...)."""
-    by_strategy = {v: k for k, v in STRATEGY_NAMES.items()}
-    return check_schedule(by_strategy.get(name, name))
-
-
 def simulate_schedule(schedule: str, costs: CostModel, micro_batches: int, accumulation: int | None = None,
-                      n_batches: int | None = None, record_waits: bool = False) -> SimResult:
+                      n_batches: int | None = None, record_waits: bool = False, replicas: int = 1) -> SimResult:
     """Build the plan for ``schedule`` (either name form) and simulate it; defaults as the CLI's."""
     n = costs.n_stages
-    spec = PlanSpec(plan_name(schedule), n, micro_batches, accumulation or micro_batches)
+    spec = PlanSpec(schedule, n, micro_batches, accumulation or micro_batches, replicas)
     return simulate(spec.plan(n_batches or default_batches(n, micro_batches)), costs, record_waits)
 
 
@@ -382,20 +397,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                                               f"(default {default})")
     parser.add_argument("--transfer", type=float, help="latency of one stage-to-stage hop (default 0)")
     parser.add_argument("--costs", help="JSON of measured per-stage costs (see module docstring)")
+    parser.add_argument("--replicas", type=int, default=1, help="data-parallel replicas R (plans gain R)")
+    parser.add_argument("--allreduce", help="seconds to all-reduce a stage's gradients over its replicas, "
+                                            "one value or one per stage (default 0)")
     parser.add_argument("--gantt", help="write a Gantt chart PNG of --gantt-batches batches")
     parser.add_argument("--gantt-batches", type=int, default=2, help="batches drawn in the Gantt chart")
     parser.add_argument("--trace", help="write a Chrome/Perfetto trace JSON of the full run")
     parser.add_argument("--waits", action="store_true", help="include idle waits in Gantt and trace")
     args = parser.parse_args(argv)
     costs = _costs_from_args(args)
+    if args.allreduce:
+        costs = replace(costs, allreduce=_per_stage(args.allreduce, costs.n_stages, "--allreduce"))
     try:
-        names = [plan_name(s.strip()) for s in args.schedules.split(",") if s.strip()]
+        names = [check_schedule(s.strip()) for s in args.schedules.split(",") if s.strip()]
     except ValueError as err:
-        raise SystemExit(f"{err} (or strategy names {', '.join(STRATEGY_NAMES.values())})") from err
+        raise SystemExit(str(err)) from err
     rows, micro_batches = [], [int(v) for v in args.micro_batches.split(",")]
     for m in micro_batches:
         kwargs = {"micro_batches": m, "accumulation": args.accumulation, "n_batches": args.batches,
-                  "record_waits": args.waits}
+                  "record_waits": args.waits, "replicas": args.replicas}
         results = [simulate_schedule(s, costs, **kwargs) for s in names]
         baseline = next((r for r in results if r.plan.schedule == BASELINE), None)
         baseline = baseline or simulate_schedule(BASELINE, costs, **kwargs)

@@ -2,7 +2,9 @@
 
 One process per stage. Global rank 0 runs the *last* stage, so the loss, every ``self.log`` value,
 the progress bar and the TensorBoard writer live on the process Lightning already logs from.
-Stage ``i`` runs on global rank ``N - 1 - i``.
+Stage ``i`` runs on global rank ``N - 1 - i``. With ``devices x num_nodes = N x R`` there are R
+data-parallel replicas of the pipeline: stage ``i`` of replica ``r`` on rank ``r N + N - 1 - i``
+(mesh.py), each window's gradients averaged over the stage's replicas (the plan's ``R``).
 
 Per global batch Lightning calls ``training_step`` once; the strategy runs this stage's actions
 for the batch (runtime.py) and ``optimizer_step`` only evaluates the closure, because each stage
@@ -37,6 +39,7 @@ from typing_extensions import override
 
 from lightning_paci import checkpoint
 from lightning_paci.advice import staleness_advice
+from lightning_paci.allreduce import ReplicaGradients
 from lightning_paci.checks import (
     check_arguments,
     check_devices,
@@ -56,12 +59,20 @@ from lightning_paci.launch import (
 )
 from lightning_paci.logs import share_callback_metrics
 from lightning_paci.materialize import materialize
-from lightning_paci.p2p import FailureWatch, StageLink, boundary_groups
+from lightning_paci.mesh import (
+    MeshGroups,
+    PipelineLayout,
+    build_groups,
+    gather_over_replicas,
+    reduce_over_replicas,
+)
+from lightning_paci.p2p import FailureWatch, StageLink
 from lightning_paci.partition import Partition, partition_model
 from lightning_paci.runtime import StageRuntime, alias_parameters
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
 from lightning_paci.signals import PipelineSignals
 from lightning_paci.telemetry import publish_telemetry
+from lightning_paci.tied import TiedGradients, check_tied_schedule
 
 
 class PACIStrategy(ParallelStrategy):
@@ -73,7 +84,9 @@ class PACIStrategy(ParallelStrategy):
         micro_batches: micro-batches per global batch (the DataLoader's batch); the batch size must
             be divisible by it. Each stage steps where Lightning would: after the backwards of every
             ``accumulate_grad_batches``-th batch of an epoch and of its last batch.
-        stages: number of stages; defaults to the number of devices, which it must equal.
+        stages: number of stages; defaults to the number of devices. ``devices x num_nodes`` must be
+            a multiple ``N x R``: R data-parallel replicas of the pipeline, each reading its own
+            shard of the data (a DistributedSampler over the replicas), gradients averaged per window.
         split_points: names of the modules where stages 1..N-1 begin, in execution order (see
             ``lightning_paci.partition``); default: an automatic split.
         partition: automatic split balanced by ``"parameters"`` (default) or ``"uniform"`` over blocks.
@@ -84,7 +97,16 @@ class PACIStrategy(ParallelStrategy):
         timeout_s: every wait on another stage gives up after this many seconds.
         num_threads: torch threads per stage process on CPU; default: cores / local stages.
         record_timeline: keep a per-action timeline (``stage_timeline``) for traces and Gantt charts.
+        skip_nonfinite_windows: skip the optimizer step of a window (its micro-batches' accumulated
+            gradients, dropped) whose loss or gradients are non-finite, without any collective: the flag
+            rides upstream with the gradients, so a non-finite loss skips the window on every stage, and
+            non-finite gradients on stage i alone skip it on stages 0..i while later stages step it.
+            Step counts and LR schedulers advance as when AMP's GradScaler skips a step; telemetry counts
+            ``skipped_windows`` per stage (lightning_paci/nonfinite.py).
         process_group_backend: override ``gloo`` (CPU) / ``nccl`` (CUDA).
+
+    After setup, ``stage_split`` is the split itself (a ``partition.Partition``: units per stage), which
+    ``partition`` (the mode) and ``split_points`` chose.
     """
 
     strategy_name = "paci"
@@ -101,6 +123,7 @@ class PACIStrategy(ParallelStrategy):
         timeout_s: float = 600.0,
         num_threads: int | None = None,
         record_timeline: bool = False,
+        skip_nonfinite_windows: bool = False,
         process_group_backend: str | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -115,18 +138,19 @@ class PACIStrategy(ParallelStrategy):
         check_arguments(micro_batches, stages, partition, max_drift, start_method)
         self.schedule, self.micro_batches, self.stages = schedule, micro_batches, stages
         self.split_points = list(split_points) if split_points is not None else None
-        self.partition_mode, self.max_drift = partition, max_drift
+        self.partition, self.max_drift = partition, max_drift
         self._start_method, self._timeout = start_method, timedelta(seconds=timeout_s)
         self._num_threads, self._record_timeline = num_threads, record_timeline
+        self.skip_nonfinite_windows = skip_nonfinite_windows
         self._process_group_backend = process_group_backend
         self._num_nodes = 1
         self._aliases: list[tuple[nn.Parameter, nn.Parameter]] = []
         self._schedulers: list[Any] = []
         self._view: StageView | None = None
-        self._boundary_groups: list[tuple[Any, Any, Any]] | None = None
+        self._groups: MeshGroups | None = None
         self._failure_watch: FailureWatch | None = None
         self._signals: PipelineSignals | None = None
-        self.partition: Partition | None = None
+        self.stage_split: Partition | None = None  # the split itself; `partition` is its mode
         self.runtime: StageRuntime | None = None
         self._closes_window = False  # set while Lightning's optimizer_step runs this batch
         self.telemetry: list[dict[str, Any]] | None = None
@@ -138,8 +162,16 @@ class PACIStrategy(ParallelStrategy):
         return self.stages or self.num_processes * self.num_nodes
 
     @property
+    def layout(self) -> PipelineLayout:
+        return PipelineLayout.for_world(self.n_stages, self.num_processes * self.num_nodes)
+
+    @property
     def stage(self) -> int:
-        return self.world_size - 1 - self.global_rank
+        return self.layout.place(self.global_rank).stage
+
+    @property
+    def replica(self) -> int:
+        return self.layout.place(self.global_rank).replica
 
     @property
     def num_nodes(self) -> int:
@@ -177,8 +209,8 @@ class PACIStrategy(ParallelStrategy):
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every stage must read the same batches in the same order: one data-parallel replica.
-        return {"num_replicas": 1, "rank": 0}
+        # Every stage of one replica reads the same batches in the same order; replicas read shards.
+        return {"num_replicas": self.layout.replicas, "rank": self.replica}
 
     @property
     def accumulation(self) -> int:
@@ -206,7 +238,8 @@ class PACIStrategy(ParallelStrategy):
         self._check_module(module, trainer)
         if is_overridden("configure_model", module) and not any(True for _ in module.parameters()):
             return  # the layers come in configure_model, inside each stage process: split them there
-        self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        self.stage_split = partition_model(module, self.n_stages, self.split_points, self.partition)
+        check_tied_schedule(self.stage_split, self.schedule)
         if trainer.state.fn == TrainerFn.FITTING and len(args) > 1:
             self.check_loader(trainer, args[1])  # fit(model, train_dataloaders, ...)
 
@@ -239,8 +272,8 @@ class PACIStrategy(ParallelStrategy):
         if self._failure_watch is None:
             self._failure_watch = FailureWatch(self.stage)
             self._failure_watch.start()
-        ranks = [self.world_size - 1 - i for i in range(self.n_stages)]  # stage i on rank N-1-i
-        self._boundary_groups = boundary_groups(ranks, self._timeout, host_headers=backend == "nccl")
+        self._groups = build_groups(self.layout, self.global_rank, self.root_device.type, self._timeout,
+                                    host_headers=backend == "nccl")
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -253,19 +286,21 @@ class PACIStrategy(ParallelStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        if self.world_size != self.n_stages:
-            raise ValueError(f"{self.n_stages} stages need {self.n_stages} processes, found world size "
+        if self.world_size % self.n_stages:
+            raise ValueError(f"{self.n_stages} stages need {self.n_stages} x R processes, found world size "
                              f"{self.world_size}")
         self._check_module(module, trainer)
-        self.partition = partition_model(module, self.n_stages, self.split_points, self.partition_mode)
+        self.stage_split = partition_model(module, self.n_stages, self.split_points, self.partition)
+        check_tied_schedule(self.stage_split, self.schedule)
         if self.global_rank == 0:
-            print(f"lightning_paci: {self.schedule} over {self.n_stages} stages, "
-                  f"{self.micro_batches} micro-batches per batch\n{self.partition.table()}", flush=True)
+            replicas = f", {self.layout.replicas} data-parallel replicas" if self.layout.replicas > 1 else ""
+            print(f"lightning_paci: {self.schedule} over {self.n_stages} stages{replicas}, "
+                  f"{self.micro_batches} micro-batches per batch\n{self.stage_split.table()}", flush=True)
         self.model = self.precision_plugin.convert_module(module)
         if self._view is None or self._view.model is not module:  # a later validate/test reuses the view
-            units = dict(zip(self.partition.units, self.partition.stage_of))
+            units = dict(zip(self.stage_split.units, self.stage_split.stage_of))
             self._view = StageView(module, units, self.stage, self.n_stages)
-            others = [u for u, s in units.items() if s != self.stage]
+            others = [u for u, s in units.items() if s != self.stage and u not in self.stage_split.shared]
             materialize(module, self.root_device, skip=others)  # layers built in configure_model (meta)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -314,22 +349,34 @@ class PACIStrategy(ParallelStrategy):
         self._aliases = alias_parameters(self.optimizers[0])
 
     def _build_runtime(self, trainer: Trainer) -> None:
-        rank = self.global_rank
-        link = StageLink(self.stage, prev_rank=rank + 1 if self.stage > 0 else None,
-                         next_rank=rank - 1 if self.stage < self.n_stages - 1 else None,
-                         device=self.root_device, groups=self._boundary_groups,
+        prev_rank, next_rank = self.layout.neighbours(self.global_rank)
+        groups = self._groups.boundaries if self._groups is not None else None
+        link = StageLink(self.stage, prev_rank=prev_rank, next_rank=next_rank,
+                         device=self.root_device, groups=groups,
                          staged=self.root_device.type != "cpu" and self._process_group_backend == "gloo",
                          timeout_s=self._timeout.total_seconds())
         fitting = trainer.state.fn == TrainerFn.FITTING
-        spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation)
+        replicas = self.layout.replicas
+        if fitting and self.stage_split.tied and replicas > 1:
+            raise ValueError("weights tied across stages with data-parallel replicas are not supported yet: "
+                             "untie them, or run one replica (devices x num_nodes = stages)")
+        tied = (TiedGradients(self.lightning_module, self.stage_split, self.stage, self.layout.pipeline_ranks(0),
+                              self._timeout) if fitting and self.stage_split.tied else None)  # one replica
+        spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation,
+                        replicas)
+        if self.runtime is not None and self.runtime.replicas is not None:
+            self.runtime.replicas.remove()  # a new runtime (a later fit): one hook per parameter
+        averaging = (ReplicaGradients([p for p, _ in self._aliases], self._groups.replica_group, replicas)
+                     if replicas > 1 and fitting else None)
         self.runtime = StageRuntime(
             self.lightning_module, self._view, spec, link,
             optimizer=self.optimizers[0] if fitting else None,
-            aliases=self._aliases, schedulers=self._schedulers,
+            aliases=self._aliases, schedulers=self._schedulers, tied=tied,
             device=self.root_device, forward_context=self.precision_plugin.forward_context,
             hooks=StageHooks(self.lightning_module, self.precision_plugin, self.stage, trainer.log_every_n_steps),
-            record_timeline=self._record_timeline,
-            seed=self.broadcast(torch.initial_seed() % 2**63))  # one seed for the stages' shared randomness
+            record_timeline=self._record_timeline, skip_nonfinite_windows=self.skip_nonfinite_windows,
+            seed=self.broadcast(torch.initial_seed() % 2**63),  # one seed for the stages' shared randomness
+            replicas=averaging)
 
     @override
     @contextmanager
@@ -423,7 +470,10 @@ class PACIStrategy(ParallelStrategy):
     def publish_telemetry(self) -> None:
         """Every stage's telemetry on rank 0 (a drain point: no bubble to cost), logged there."""
         assert self.runtime is not None
-        self.telemetry = publish_telemetry(self.runtime.telemetry(), self.global_rank, self.world_size,
+        own = self.runtime.telemetry()
+        if self.layout.replicas > 1:
+            own["replica"] = self.replica
+        self.telemetry = publish_telemetry(own, self.global_rank, self.world_size,
                                            self.lightning_module.trainer)
         self.stage_timeline = self.runtime.timeline if self.global_rank == 0 else None
 
@@ -434,13 +484,13 @@ class PACIStrategy(ParallelStrategy):
     # -- collectives ---------------------------------------------------------------------------------------
     @override
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
-        # Values logged with sync_dist come from one data-parallel replica: nothing to reduce, and
-        # a collective here would stall the other stages mid-pipeline.
-        return tensor
+        # Values logged with sync_dist come from the last stage: reduced over its replicas (DDP's value),
+        # never over other stages (a collective with them would stall them mid-pipeline).
+        return reduce_over_replicas(tensor, self._groups, reduce_op)
 
     @override
     def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
-        return tensor.unsqueeze(0)  # DDP's result for one data-parallel replica, without a collective
+        return gather_over_replicas(tensor, self._groups)  # DDP's result, over this stage's replicas
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
@@ -486,7 +536,7 @@ class PACIStrategy(ParallelStrategy):
                             "storage_options are not supported")
         version = self.runtime.version if self.runtime is not None else 0
         checkpoint.save_stage(Path(self.broadcast(str(filepath))), self.stage, self.global_rank, checkpoint_dict,
-                              self._layout(), self._schedulers, version, self.barrier)
+                              self._layout(), self._schedulers, version, self.barrier, self.replica)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -499,9 +549,9 @@ class PACIStrategy(ParallelStrategy):
         return meta
 
     def _layout(self) -> dict[str, Any]:
-        assert self.partition is not None
+        assert self.stage_split is not None
         return {"n_stages": self.n_stages, "schedule": self.schedule,
-                "units": [self.partition.stage_units(i) for i in range(self.n_stages)]}
+                "units": [self.stage_split.stage_units(i) for i in range(self.n_stages)]}
 
     @override
     def load_model_state_dict(self, checkpoint_dict: Any, strict: bool = True) -> None:
@@ -520,8 +570,8 @@ class PACIStrategy(ParallelStrategy):
         A collective: call it on every rank, after fit. Loading it into a fresh instance of the
         LightningModule gives the trained model as one ordinary module.
         """
-        return checkpoint.gather_full_state_dict(self.lightning_module_state_dict(), self.global_rank,
-                                                 self.world_size)
+        own = self.lightning_module_state_dict() if self.replica == 0 else {}  # replicas hold copies
+        return checkpoint.gather_full_state_dict(own, self.global_rank, self.world_size)
 
     @override
     def teardown(self) -> None:
@@ -544,4 +594,3 @@ class PACIStrategy(ParallelStrategy):
 
 # ``import lightning_paci`` brings this module in (see _registration.py): Trainer(strategy="paci") works.
 PACIStrategy.register_strategies(StrategyRegistry)
-checkpoint.explain_directory_loads()

@@ -27,7 +27,7 @@ class StageTelemetry:
         self.drift = Counter()  # optimizer steps between a micro-batch's forward and its backward
         self.peak_in_flight = 0
         self.busy_s = self.wall_s = self.wait_s = 0.0
-        self.time_of = {"F": [0.0, 0], "B": [0.0, 0], "S": [0.0, 0]}
+        self.time_of = {"F": [0.0, 0], "B": [0.0, 0], "S": [0.0, 0], "R": [0.0, 0]}
         self.timeline: list[TimelineEvent] | None = [] if record_timeline else None
         self.memory = PeakMemory(device)
         self.origin = time.perf_counter()  # timeline times count from here; one clock per host
@@ -104,32 +104,35 @@ class StageTelemetry:
             "wall_s": self.wall_s,
             "forward_s": mean["F"],
             "backward_s": mean["B"],
-            "step_s": mean["S"],
+            "step_s": mean["S"],  # with replicas: includes waiting for the window's all-reduce to end
             "parameters": parameters,
         }
 
 
 def flat_telemetry(telemetry: list[dict[str, Any]]) -> dict[str, float]:
-    """Every stage's numbers as logger metrics: ``pipeline/stage{i}/{name}``."""
+    """Every stage's numbers as logger metrics: ``pipeline/stage{i}/{name}``, and
+    ``pipeline/replica{r}/stage{i}/{name}`` with data-parallel replicas."""
     out = {}
     for t in telemetry:
+        replica = f"replica{t['replica']}/" if "replica" in t else ""
+        prefix = f"pipeline/{replica}stage{t['stage']}"
         for key, value in t.items():
-            if isinstance(value, (int, float)) and key != "stage":
-                out[f"pipeline/stage{t['stage']}/{key}"] = float(value)
+            if isinstance(value, (int, float)) and key not in ("stage", "replica"):
+                out[f"{prefix}/{key}"] = float(value)
         for drift, count in t["drift_histogram"].items():
-            out[f"pipeline/stage{t['stage']}/drift_{drift}"] = float(count)
+            out[f"{prefix}/drift_{drift}"] = float(count)
     return out
 
 
 def publish_telemetry(own: dict[str, Any], rank: int, world_size: int,
                       trainer: Any) -> list[dict[str, Any]] | None:
-    """Collective: every stage's telemetry, sorted by stage, on rank 0 (None elsewhere), where it is also
-    logged to the trainer's loggers at the current global step."""
+    """Collective: every stage's telemetry, by (replica, stage), on rank 0 (None elsewhere), where it is
+    also logged to the trainer's loggers at the current global step."""
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, own)
     if rank != 0:
         return None
-    telemetry = sorted(gathered, key=lambda t: t["stage"])
+    telemetry = sorted(gathered, key=lambda t: (t.get("replica", 0), t["stage"]))
     for logger in trainer.loggers:
         logger.log_metrics(flat_telemetry(telemetry), step=trainer.global_step)
     return telemetry

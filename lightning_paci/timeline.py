@@ -52,6 +52,8 @@ class TimelineEvent(NamedTuple):
             return "step"
         if head in ("recv", "send"):
             return "wait"
+        if head == "R":  # arming the replicas' all-reduce (its time is spent in the backward and S)
+            return "other"
         match = _ACTION_RE.match(head)
         if match is None:
             return "other"

@@ -59,9 +59,7 @@ ours in the steady window, the simulator's input), ``<out>/gantt.png`` and ``<ou
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import gc
 import io
 import logging
@@ -90,6 +88,7 @@ from lightning_paci.memory import PeakMemory
 from lightning_paci.partition import partition_model
 from lightning_paci.schedules import PlanSpec
 from lightning_paci.timeline import TimelineEvent
+from recipes.benchmark_config import Config, parse
 from recipes.benchmark_report import (
     OURS,
     PEERS,
@@ -104,32 +103,6 @@ from recipes.data import StdlibCorpus
 from recipes.gpt import GPT
 
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting; each is a command-line flag (``--micro-batches 8``)."""
-
-    stages: int = 2
-    micro_batches: int = 4
-    batch_size: int = 16  # sequences per step: 4 per micro-batch
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 8
-    n_embd: int = 512  # head size 64 as GPT-2; 13M parameters, a forward of ~70 ms per stage and micro-batch here
-    steps: int = 20  # K steps per run ...
-    warmup_steps: int = 4  # ... of which the first w are not timed ...
-    cooldown_steps: int = 1  # ... nor the last c: the pipeline's end of run (see the module docstring)
-    rounds: int = 3
-    threads: int = 1  # torch threads per stage process
-    single: bool = True  # also time single-process training of the whole model
-    lightning_sigterm_broadcast: bool = False  # True: undo the strategy's removal of it (see above)
-    max_bytes: int = 2_000_000  # corpus size (stdlib sources, byte tokens)
-    cache_dir: str = "data_cache"
-    out: str = "runs/benchmark"
-    seed: int = 1337
-    timeout_s: float = 300.0
-    quiet_wait_s: float = 120.0  # before each run, wait up to this long for other processes to go quiet
 
 
 # -- one process per stage ---------------------------------------------------------------------------
@@ -167,7 +140,7 @@ class Bench:
         self.data = StdlibCorpus(max_bytes=cfg.max_bytes, block_size=cfg.block_size, batch_size=cfg.batch_size,
                                  val_batches=1, cache_dir=cfg.cache_dir, seed=cfg.seed)
         self.data.setup("fit")
-        self.partition = partition_model(self.model(), cfg.stages)
+        self.stage_split = partition_model(self.model(), cfg.stages)
 
     def model(self) -> GPT:
         cfg = self.cfg
@@ -253,11 +226,11 @@ class Bench:
         model = self.model()
         configured = model.configure_optimizers()
         optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
-        mine = self.partition.stage_units(stage)
+        mine = self.stage_split.stage_units(stage)
         units = OrderedDict((u.replace(".", "_"), model.get_submodule(u)) for u in mine)
         for i in range(n):  # other stages' units hold no memory here, as in ours (hollow.py)
             if i != stage:
-                for u in self.partition.stage_units(i):
+                for u in self.stage_split.stage_units(i):
                     model.get_submodule(u).to("meta")
         module = nn.Sequential(units)
         owned = {id(p) for p in module.parameters()}
@@ -476,7 +449,7 @@ def _worker(rank: int, cfg: Config, port: int) -> None:
     dist.barrier()
     if rank == 0:
         model = {"parameters": bench.model().num_parameters(),
-                 "stages": [bench.partition.stage_units(i) for i in range(cfg.stages)]}
+                 "stages": [bench.stage_split.stage_units(i) for i in range(cfg.stages)]}
         report(cfg, model, runs, timelines, concurrency)
     dist.destroy_process_group()
 
@@ -488,27 +461,6 @@ def _quiet() -> None:
 
 
 # -- entry point -------------------------------------------------------------------------------------
-def parse(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(prog="python recipes/benchmark.py", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
-    cfg = Config(**vars(parser.parse_args(argv)))
-    if cfg.batch_size % cfg.micro_batches:
-        parser.error(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batches {cfg.micro_batches}")
-    if cfg.warmup_steps < 1 or cfg.cooldown_steps < 0:
-        parser.error(f"need --warmup-steps >= 1 and --cooldown-steps >= 0, got {cfg.warmup_steps} and "
-                     f"{cfg.cooldown_steps}")
-    if cfg.steps < cfg.warmup_steps + cfg.cooldown_steps + 2:
-        parser.error("need at least two timed steps (--steps >= --warmup-steps + --cooldown-steps + 2) for the "
-                     "Gantt chart")
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> None:
     cfg = parse(argv)
     # Build the token cache once, here, before the stage processes read it.

@@ -13,20 +13,18 @@ import platform
 import statistics
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
 
-from lightning_paci.schedules import PlanSpec
+from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec
 from lightning_paci.simulate import CostModel, replay, simulate_schedule
 from lightning_paci.timeline import TimelineEvent, plot_gantt, write_chrome_trace
-
-if TYPE_CHECKING:
-    from recipes.benchmark import Config
+from recipes.benchmark_config import Config
 
 PEERS = {"peer_gpipe": "gpipe", "peer_1f1b": "1f1b"}  # torch's ScheduleGPipe / Schedule1F1B: our plans' order
-OURS = {"pipe_gpipe": "gpipe", "pipe_1f1b": "1f1b", "paci": "paci"}
+OURS = {STRATEGY_NAMES[s]: s for s in ("gpipe", "1f1b", "paci")}  # Trainer(strategy=name) runs of each schedule
 PIPELINES = tuple(PEERS) + tuple(OURS)
 SINGLES = ("single_1thread", "single_allcores")
 
@@ -318,8 +316,6 @@ def report(cfg: Config, model: dict[str, Any], runs: list[dict[str, Any]], timel
 def main(argv: list[str] | None = None) -> None:
     """Summarize a stored run again: ``python -m recipes.benchmark_report runs/benchmark/benchmark.json``."""
     import argparse
-
-    from recipes.benchmark import Config
 
     parser = argparse.ArgumentParser(prog="python -m recipes.benchmark_report", description=main.__doc__)
     parser.add_argument("result", type=Path, help="a benchmark.json written by recipes/benchmark.py")

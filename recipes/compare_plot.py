@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import matplotlib
 
@@ -19,8 +19,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-if TYPE_CHECKING:
-    from recipes.compare import Run
+Run = Any  # a recipes.compare.Run (not imported: compare imports this module to draw)
 
 COLORS = {"paci": "tab:blue", "1f1b": "tab:orange", "gpipe": "tab:green"}
 STYLES = ("-", "--", ":", "-.")

@@ -71,7 +71,7 @@ class LitTiny(LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = self._xy(batch)
         loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
-        self.log("val_loss", loss)
+        self.log("val_loss", loss, sync_dist=True)  # DDP's mean over replicas (no-op with one replica)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)

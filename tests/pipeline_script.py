@@ -137,10 +137,44 @@ class _Running(L.Callback):
             path.write_text(str(os.getpid()))
 
 
+class _ProgramTrace(L.Callback):
+    """Every action and message operation this stage executed (runtime.record_trace), written to
+    ``trace_stage<i>.json`` when the fit ends, after the last drain."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.trace = out, None
+
+    def on_train_start(self, trainer, module) -> None:
+        self.trace = trainer.strategy.runtime.record_trace()
+
+    def on_fit_end(self, trainer, module) -> None:
+        stage = trainer.strategy.stage
+        (self.out / f"trace_stage{stage}.json").write_text(json.dumps([str(op) for op in self.trace]))
+
+
+class _InfGradient(L.Callback):
+    """The first parameter of ``unit`` gets an infinite gradient at the ``at``-th backward through it
+    (counted from 0), on the stage that owns it: non-finite local gradients on one stage only."""
+
+    def __init__(self, unit: str, at: int) -> None:
+        self.unit, self.at, self.count = unit, at, 0
+
+    def on_train_start(self, trainer, module) -> None:
+        param = next(module.get_submodule(self.unit).parameters())
+        if not param.is_meta:
+            param.register_hook(self._hook)
+
+    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return torch.full_like(grad, float("inf")) if self.count - 1 == self.at else grad
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule", default="paci")
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--num-nodes", type=int, default=1, help="Trainer(num_nodes=...), under torchrun")
+    parser.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (x stages devices)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -158,6 +192,10 @@ def main() -> None:
     parser.add_argument("--fail-unit", default=None)
     parser.add_argument("--fail-step", type=int, default=0)
     parser.add_argument("--nan-step", type=int, default=-1, help="the logits turn NaN at this global step")
+    parser.add_argument("--inf-grad-unit", default=None, help="this unit's gradient turns inf (see --inf-grad-at)")
+    parser.add_argument("--inf-grad-at", type=int, default=0, help="at the unit's n-th backward (from 0)")
+    parser.add_argument("--skip-nonfinite", action="store_true", help="PACIStrategy(skip_nonfinite_windows=True)")
+    parser.add_argument("--trace", action="store_true", help="write each stage's executed program")
     parser.add_argument("--hang", action="store_true", help="--fail-unit sleeps an hour instead of raising")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--start-method", default="popen")
@@ -200,6 +238,8 @@ def main() -> None:
     parser.add_argument("--meta-init", action="store_true", help="the model's layers come in configure_model")
     parser.add_argument("--init-module", action="store_true",
                         help="build the model under trainer.init_module(empty_init=True) (on the meta device)")
+    parser.add_argument("--hf", default=None, help="a tiny Hugging Face model instead (tests/models_hf.py KINDS)")
+    parser.add_argument("--split-points", default=None, help="comma-separated PACIStrategy(split_points=...)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -210,14 +250,14 @@ def main() -> None:
     if args.kill_at_swap:
         _kill_at_swap(args.kill_at_swap)
     if args.shared_group:
-        import lightning_paci.strategy
+        import lightning_paci.mesh
 
-        lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None, **_: None
+        lightning_paci.mesh.boundary_groups = lambda ranks, timeout=None, **_: None
     if args.host_headers:
-        import lightning_paci.strategy
+        import lightning_paci.mesh
         from lightning_paci.p2p import boundary_groups
 
-        lightning_paci.strategy.boundary_groups = lambda ranks, timeout=None, **_: boundary_groups(
+        lightning_paci.mesh.boundary_groups = lambda ranks, timeout=None, **_: boundary_groups(
             ranks, timeout, host_headers=True)
     if args.lagging_clock:
         import lightning_paci.runtime
@@ -229,8 +269,14 @@ def main() -> None:
         L.seed_everything(0, verbose=False)
     module_class = (TwoOptimizers if args.two_optimizers else LitMeta if args.meta_init
                     else RandomMasking if args.masking else LitTiny)
-    model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype), batch_format=args.batch_format,
-                    sched=args.sched, dropout=args.dropout, **({"extras": True} if args.extras else {}))
+    if args.hf:
+        from tests.models_hf import LitHF
+
+        model = LitHF(args.hf, dtype=getattr(torch, args.dtype), sched=args.sched)
+    else:
+        model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype),
+                             batch_format=args.batch_format, sched=args.sched, dropout=args.dropout,
+                             **({"extras": True} if args.extras else {}))
     if args.save_hparams:
         model.save_hyperparameters({"n_layers": args.layers, "dtype": getattr(torch, args.dtype),
                                     "batch_format": args.batch_format, "sched": args.sched,
@@ -259,7 +305,9 @@ def main() -> None:
     else:
         strategy = PACIStrategy(schedule=args.schedule, micro_batches=args.micro_batches,
                                 timeout_s=args.timeout, start_method=args.start_method,
-                                stages=args.stages if args.shared_device else None)
+                                stages=args.stages if args.shared_device or args.replicas > 1 else None,
+                                split_points=args.split_points.split(",") if args.split_points else None,
+                                skip_nonfinite_windows=args.skip_nonfinite)
     callbacks = []
     if args.ckpt_dir:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(args.ckpt_dir, save_top_k=-1, every_n_epochs=1,
@@ -272,13 +320,19 @@ def main() -> None:
         callbacks.append(_WeightsAtHooks())
     if args.pid_files:
         callbacks.append(_Running(out))
+    if args.trace:
+        callbacks.append(_ProgramTrace(out))
+    if args.inf_grad_unit:
+        callbacks.append(_InfGradient(args.inf_grad_unit, args.inf_grad_at))
+    devices = 1 if args.shared_device else args.stages * args.replicas // args.num_nodes
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1 if args.shared_device else args.stages, strategy=strategy,
+        accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         max_steps=args.steps, callbacks=callbacks, default_root_dir=args.root_dir,
         accumulate_grad_batches=args.accumulate, enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False, max_epochs=-1,
         # As with DDP, Lightning's sampler shuffles training data; the references read it in order.
-        use_distributed_sampler=args.shuffle and not args.unseeded_shuffle,
+        # Replicas read shards through it (in order here: replica r reads samples r, r+R, ...).
+        use_distributed_sampler=(args.shuffle and not args.unseeded_shuffle) or args.replicas > 1,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         logger=TensorBoardLogger(out, name="tb") if args.logger else False,
         val_check_interval=args.val_every or None, limit_val_batches=2 if args.val_every else 0,
@@ -288,7 +342,7 @@ def main() -> None:
             model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype))
         assert all(p.is_meta for p in model.parameters())
     n_batches = args.epoch_batches or args.steps * args.accumulate
-    train = loader(args.batch_size, n=args.batch_size * n_batches, batch_format=args.batch_format,
+    train = loader(args.batch_size, n=args.batch_size * n_batches * args.replicas, batch_format=args.batch_format,
                    shuffle=args.shuffle or args.unseeded_shuffle)
     val = loader(args.batch_size, n=2 * args.batch_size, seed=1, batch_format=args.batch_format)
     trainer.fit(model, train, val if args.val_every else None, ckpt_path=args.resume)
@@ -309,7 +363,8 @@ def main() -> None:
     else:
         stage = strategy.stage
         own = {k: v.cpu() for k, v in strategy.lightning_module_state_dict().items()}
-        torch.save(own, out / f"stage{stage}.pt")
+        replica = strategy.replica
+        torch.save(own, out / (f"stage{stage}.pt" if replica == 0 else f"replica{replica}_stage{stage}.pt"))
     if trainer.global_rank == 0:
         # After forked workers Lightning restores trainer.state, not loop progress, in the main process.
         global_step = trainer.global_step if args.start_method == "popen" else None

@@ -6,7 +6,9 @@
   dependencies allow, with each stage's own optimizer stepping at its S actions and backwards using
   the stage's current weights (PACI's semantics). It shares nothing with the runtime but the plan.
   ``replay_segments`` runs several plans one after another (a drain between two), as a run with
-  validations or epoch ends in between does.
+  validations or epoch ends in between does. ``skip={stage: {window, ...}}`` makes those S actions
+  (counted from 0 per stage) drop their gradients without an optimizer step; the LR scheduler still
+  steps (skip_nonfinite_windows' semantics, stated here independently of how the runtime decides).
 - ``epoch_batches``: the batches Lightning's DistributedSampler (one replica, seed 0) yields.
 """
 
@@ -50,6 +52,18 @@ def epoch_batches(batch_size: int, n_batches: int, epochs: int, shuffle: bool) -
     return out
 
 
+def replica_batches(batch_size: int, n_batches: int, replicas: int) -> list[list[tuple]]:
+    """What each of ``replicas`` data-parallel replicas reads from ``loader(batch_size, n=batch_size *
+    n_batches * replicas)`` in epoch 0: Lightning's shuffled DistributedSampler (seed 0) with
+    ``num_replicas=replicas, rank=r``; item k holds every replica's batch k."""
+    x, y = token_data(batch_size * n_batches * replicas)
+    shards = []
+    for r in range(replicas):
+        order = torch.tensor(list(DistributedSampler(TensorDataset(x, y), replicas, r, shuffle=True, seed=0)))
+        shards.append([(x[idx], y[idx]) for idx in order.split(batch_size)])
+    return [list(batch) for batch in zip(*shards)]
+
+
 def train_reference(n_layers: int, data: list, accumulate: int = 1, sched: bool = False,
                     extras: bool = False, lit: LitTiny | None = None) -> dict:
     lit = lit if lit is not None else fresh_model(n_layers, extras=extras)
@@ -81,12 +95,12 @@ def _run_units(lit: LitTiny, names: list[str], x: torch.Tensor | None, idx: torc
 
 
 def replay_plan(plan: Plan, stage_units: list[list[str]], n_layers: int, data: list,
-                sched: bool = False) -> dict:
-    return replay_segments([plan], stage_units, n_layers, data, sched)[-1]
+                sched: bool = False, skip: dict[int, set[int]] | None = None) -> dict:
+    return replay_segments([plan], stage_units, n_layers, data, sched, skip)[-1]
 
 
 def replay_segments(plans: list[Plan], stage_units: list[list[str]], n_layers: int, data: list,
-                    sched: bool = False) -> list[dict]:
+                    sched: bool = False, skip: dict[int, set[int]] | None = None) -> list[dict]:
     """Each plan on the next ``plan.n_batches`` batches of ``data``; the model after each (a copy).
     Gradients of a window a plan leaves open stay accumulated into the next one."""
     lit = fresh_model(n_layers)
@@ -95,16 +109,17 @@ def replay_segments(plans: list[Plan], stage_units: list[list[str]], n_layers: i
         params = [p for u in units for p in lit.get_submodule(u).parameters()]
         aliases = [nn.Parameter(p.data) for p in params]
         stages.append((params, aliases, *_optimizer(aliases, sched)))
-    snapshots, offset = [], 0
+    snapshots, offset, windows = [], 0, [0] * len(stage_units)
     for plan in plans:
-        _replay(plan, stage_units, lit, stages, data[offset:offset + plan.n_batches])
+        _replay(plan, stage_units, lit, stages, data[offset:offset + plan.n_batches], skip or {}, windows)
         offset += plan.n_batches
         snapshots.append({k: v.clone() for k, v in lit.state_dict().items()})
     assert offset == len(data), f"the plans train {offset} batches, the data has {len(data)}"
     return snapshots
 
 
-def _replay(plan: Plan, stage_units: list[list[str]], lit: LitTiny, stages: list, data: list) -> None:
+def _replay(plan: Plan, stage_units: list[list[str]], lit: LitTiny, stages: list, data: list,
+            skip: dict[int, set[int]], windows: list[int]) -> None:
     m, n = plan.micro_batches, plan.n_stages
     micro = {}
     for k, (x, y) in enumerate(data):
@@ -140,7 +155,9 @@ def _replay(plan: Plan, stage_units: list[list[str]], lit: LitTiny, stages: list
                     params, aliases, opt, scheduler = stages[i]
                     for p, a in zip(params, aliases):
                         a.grad = p.grad
-                    opt.step()
+                    if windows[i] not in skip.get(i, ()):
+                        opt.step()
+                    windows[i] += 1
                     if scheduler:
                         scheduler.step()
                     for p, a in zip(params, aliases):

@@ -16,7 +16,8 @@ import pytest
 from lightning_paci.schedules import PlanSpec
 from lightning_paci.simulate import CostModel, run_plan
 from lightning_paci.timeline import TimelineEvent
-from recipes.benchmark import _loss_into_forward, parse
+from recipes.benchmark import _loss_into_forward
+from recipes.benchmark_config import parse
 from recipes.benchmark_report import OURS, PIPELINES, SINGLES, goals, replay_ceiling, summarize, time_budget
 
 ROOT = Path(__file__).resolve().parents[1]

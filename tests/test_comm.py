@@ -15,12 +15,12 @@ from lightning_paci.comm import (
     LAZY,
     PER_DIRECTION,
     SHARED,
+    CommOp,
     check_transport,
     lower,
     lower_plan,
-    parse_program,
 )
-from lightning_paci.plan import format_actions, parse_actions, validate
+from lightning_paci.plan import format_actions, parse_actions, parse_program, validate
 from lightning_paci.schedules import SCHEDULES, PlanSpec
 
 PROGRAMS = {
@@ -98,3 +98,29 @@ def test_a_receive_left_posted_across_a_drain_is_refused() -> None:
 
 def test_validate_checks_messages_under_nccl() -> None:
     validate(PlanSpec("paci", 4, 4, 4).plan(3))  # uses the runtime's layout: a group per direction
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_runtime_lowering_batch_by_batch_is_the_proven_program(schedule) -> None:
+    """The runtime lowers each batch without ``W`` and each drain with it (runtime.train_batch/drain), with
+    Lightning's windows (``closes``); the concatenation must be the program validate() proved, for every
+    N in 2..8, m in 1..8 and windows of one or two batches (the steps do not change the messages)."""
+    for n in range(2, 9):
+        for m in range(1, 9):
+            spec = PlanSpec(schedule, n, m, m)
+            proven = lower_plan(spec.plan(4))
+            for closes in ({0, 1, 2, 3}, {1, 3}):
+                for i in range(n):
+                    batches = [spec.batch(i, k, closes) for k in range(4)]
+                    run = [op for actions in batches for op in lower(actions, i, n, m, wait_sends=False)]
+                    run += lower(spec.drain(i, 4, closes), i, n, m)
+                    ops = [op for op in run if isinstance(op, CommOp)]
+                    assert ops == [op for op in proven[i] if isinstance(op, CommOp)], (schedule, n, m, i)
+
+
+def test_evaluation_program_sends_forward_only() -> None:
+    """An evaluation batch (runtime._forward_only): no gradient receive is posted, nothing left posted."""
+    program = lower(parse_actions("F0 F1 F2"), 1, 3, 3, gradients=False, wait_sends=False)
+    assert format_actions(program) == "rA0 wA0 rA1 F0 sA0 wA1 rA2 F1 sA1 wA2 F2 sA2"
+    check_transport([lower(parse_actions("F0 F1 F2"), i, 3, 3, gradients=False) for i in range(3)], "nccl",
+                    PER_DIRECTION)

@@ -51,7 +51,7 @@ def test_plain_sequential_splits_into_its_children():
 
 @pytest.mark.parametrize("bad,message", [
     ({"split_points": ["transformer.h.2", "transformer.h.1"]}, "in execution order"),
-    ({"split_points": ["transformer.h.9"]}, "not units of the model"),
+    ({"split_points": ["transformer.h.9"]}, "not modules of the model"),
 ])
 def test_bad_split_points(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_paci.comm import lower_plan
 from lightning_paci.partition import partition_model
 from lightning_paci.plan import drift_bound
 from lightning_paci.schedules import PlanSpec
@@ -44,6 +45,14 @@ def run_pipeline(tmp_path: Path, *args: str, timeout: float = 180, fork: bool = 
     return json.loads((tmp_path / "result.json").read_text()), merged
 
 
+def assert_ran_lowered_plan(out: Path, spec: PlanSpec, n_batches: int) -> None:
+    """Each stage executed exactly the program validate() proves deadlock-free (comm.lower of the whole
+    plan): the actions, and the operations as its StageLink carried them out, no more, none fewer, in order."""
+    for i, program in enumerate(lower_plan(spec.plan(n_batches))):
+        ran = json.loads((out / f"trace_stage{i}.json").read_text())
+        assert ran == [str(op) for op in program], f"stage {i} ran {' '.join(ran)}"
+
+
 def assert_same(actual: dict, expected: dict, tol: float = 1e-10) -> None:
     assert set(actual) == set(expected)
     for key in expected:
@@ -58,9 +67,10 @@ def test_flush_schedules_match_single_process_training(tmp_path, schedule, stage
     # mask arrives requiring grad; gradients land in contiguous buffers).
     # The 2-stage GPipe run puts both stage processes on one device (Trainer(devices=1), stages=2).
     extras = ["--host-headers", "--extras"] if stages == 3 else ["--shared-device"] if schedule == "gpipe" else []
-    result, params = run_pipeline(tmp_path, "--nccl-order", "--schedule", schedule, "--stages", str(stages),
-                                  "--steps", str(STEPS), "--micro-batches", str(M), *extras)
+    result, params = run_pipeline(tmp_path, "--nccl-order", "--trace", "--schedule", schedule, "--stages",
+                                  str(stages), "--steps", str(STEPS), "--micro-batches", str(M), *extras)
     assert result["state"] == "finished"
+    assert_ran_lowered_plan(tmp_path, PlanSpec(schedule, stages, M, M), STEPS)
     expected = train_reference(LAYERS, batches(BATCH, STEPS), extras="--extras" in extras)
     assert_same(params, expected)
     # Each process held only its own stage's parameters, and together they are the model.
@@ -75,17 +85,18 @@ def test_flush_schedules_match_single_process_training(tmp_path, schedule, stage
 def test_paci_matches_replay_of_its_plan_and_drift_bound(tmp_path, stages, micro_batches, fork):
     # The 2-stage run times its actions with a clock whose marks complete late, as CUDA events do.
     clock = [] if fork else ["--lagging-clock"]
-    result, params = run_pipeline(tmp_path, "--nccl-order", "--schedule", "paci", "--stages", str(stages),
-                                  "--steps", str(STEPS), "--micro-batches", str(micro_batches),
+    result, params = run_pipeline(tmp_path, "--nccl-order", "--trace", "--schedule", "paci", "--stages",
+                                  str(stages), "--steps", str(STEPS), "--micro-batches", str(micro_batches),
                                   "--batch-size", "4", "--sched", *clock, fork=fork)
     spec = PlanSpec("paci", stages, micro_batches, micro_batches)
+    assert_ran_lowered_plan(tmp_path, spec, STEPS)
     partition = partition_model(fresh_model(LAYERS), stages)
     units = [partition.stage_units(i) for i in range(stages)]
     expected = replay_plan(spec.plan(STEPS), units, LAYERS, batches(4, STEPS), sched=True)
     assert_same(params, expected)
     for t in result["telemetry"]:
         assert t["max_drift"] == drift_bound(t["stage"], stages, micro_batches)
-        assert t["optimizer_steps"] == STEPS
+        assert t["optimizer_steps"] == STEPS and t["skipped_windows"] == 0
         assert t["peak_in_flight"] <= stages - t["stage"]
         assert 0 < t["utilization"] and 0 <= t["bubble_fraction"]
         assert t["utilization"] + t["bubble_fraction"] <= 1 + 1e-9
@@ -122,3 +133,28 @@ def test_one_shared_group_hangs_under_nccl_order(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "emulated NCCL order" in proc.stdout + proc.stderr
+
+
+def test_skip_nonfinite_windows_matches_replay_with_those_windows_skipped(tmp_path):
+    """skip_nonfinite_windows, both cases in one run (2 stages, m=4, a window per batch): the flag rides
+    upstream with the gradients; a stage that skips drops the window's gradients without a step, its LR
+    scheduler steps as usual; the rest of the run is untouched.
+
+    - Stage 0's own gradient turns inf at its 10th backward (micro-batch 9, window 2): stage 0 skips
+      window 2; stage 1 has stepped it already, with its finite gradients.
+    - lm_head's output turns NaN during batch 3 (global step 3: micro-batches 12..15): every stage skips
+      window 3.
+    """
+    faults = ["--nan-step", "3", "--inf-grad-unit", "model.transformer.h.0", "--inf-grad-at", "9"]
+    result, params = run_pipeline(tmp_path, "--nccl-order", "--skip-nonfinite", "--schedule", "paci",
+                                  "--stages", "2", "--steps", str(STEPS), "--batch-size", "4", "--sched", *faults)
+    skipped = {0: {2, 3}, 1: {3}}
+    partition = partition_model(fresh_model(LAYERS), 2)
+    units = [partition.stage_units(i) for i in range(2)]
+    expected = replay_plan(PlanSpec("paci", 2, M, M).plan(STEPS), units, LAYERS, batches(4, STEPS), sched=True,
+                           skip=skipped)
+    assert_same(params, expected)
+    assert all(torch.isfinite(v).all() for v in params.values())
+    telemetry = sorted(result["telemetry"], key=lambda t: t["stage"])
+    assert [t["skipped_windows"] for t in telemetry] == [2, 1]
+    assert all(t["optimizer_steps"] == STEPS for t in telemetry)

@@ -166,8 +166,8 @@ class Tied(LitTiny):
     (Flat, {}, 2, "no nn.ModuleList or nn.Sequential of blocks"),
     (Tied, {}, 2, "tied weights across stages"),
     (lambda: LitTiny(n_layers=2), {}, 4, "at most 3 stages"),
-    (LitTiny, {"stages": 3}, 2, "set devices=3"),
-    (LitTiny, {"split_points": ["model.nope"]}, 2, "are not units of the model"),
+    (LitTiny, {"stages": 3}, 2, "give it a multiple of 3"),
+    (LitTiny, {"split_points": ["model.nope"]}, 2, "are not modules of the model"),
     (lambda: LitTiny(n_layers=8), {"max_drift": 1, "micro_batches": 2, "stages": 4}, 4, "micro_batches>=3"),
 ])
 def test_bad_input_fails_before_processes_start(make, kwargs, devices, message):
