@@ -39,6 +39,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 import recipes.pretrain_gpt  # noqa: F401  (registers the config schema the composition needs)
+from lightning_paci.dataflow import advance
 from lightning_paci.partition import partition_model
 from lightning_paci.schedules import PlanSpec
 from recipes.gpt import lr_factor
@@ -101,43 +102,39 @@ def _segment(plan, stages: list[Stage], batches: list) -> None:
     forwarded_at = [{} for _ in range(n)]  # micro-batch -> the stage's step count at its forward
     # micro-batch -> stage 0 forwarded it before the step closing the previous window (its origin is stale)
     origin_stale, first_steps = {}, stages[0].steps
-    cursor = [0] * n
-    while any(cursor[i] < len(plan.stages[i]) for i in range(n)):
-        progressed = False
-        for i, stage in enumerate(stages):
-            while cursor[i] < len(plan.stages[i]):
-                action = plan.stages[i][cursor[i]]
-                j = action.micro_batch
-                if action.kind == "F":
-                    if i > 0 and j not in sent[i - 1]:
-                        break
-                    idx, target = micro[j]
-                    inp = sent[i - 1][j].detach().requires_grad_(True) if i > 0 else idx
-                    out = stage.forward(inp)
-                    if i == n - 1:
-                        out = F.cross_entropy(out.flatten(0, 1), target.flatten()) / plan.accumulation
-                    sent[i][j], saved[i][j] = out, (inp, out)
-                    forwarded_at[i][j] = stage.steps
-                    if i == 0:
-                        origin_stale[j] = stage.steps - first_steps < j // plan.accumulation
-                elif action.kind == "B":
-                    if i < n - 1 and j not in grads[i + 1]:
-                        break
-                    inp, out = saved[i].pop(j)
-                    if stage.remedy is not None:
-                        stage.remedy.before_backward()
-                    out.backward(grads[i + 1].pop(j) if i < n - 1 else None)
-                    stale = forwarded_at[i].pop(j) != stage.steps
-                    if stage.remedy is not None:
-                        stage.remedy.after_backward(stale=origin_stale[j] if stage.stale_by_origin else stale)
-                    if i > 0:
-                        grads[i][j] = inp.grad
-                else:
-                    stage.step()
-                cursor[i] += 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"the plan deadlocked in the replay at cursors {cursor}")
+    def run(i: int, _: int, action) -> bool:
+        stage, j = stages[i], action.micro_batch
+        if action.kind == "F":
+            if i > 0 and j not in sent[i - 1]:
+                return False
+            idx, target = micro[j]
+            inp = sent[i - 1][j].detach().requires_grad_(True) if i > 0 else idx
+            out = stage.forward(inp)
+            if i == n - 1:
+                out = F.cross_entropy(out.flatten(0, 1), target.flatten()) / plan.accumulation
+            sent[i][j], saved[i][j] = out, (inp, out)
+            forwarded_at[i][j] = stage.steps
+            if i == 0:
+                origin_stale[j] = stage.steps - first_steps < j // plan.accumulation
+        elif action.kind == "B":
+            if i < n - 1 and j not in grads[i + 1]:
+                return False
+            inp, out = saved[i].pop(j)
+            if stage.remedy is not None:
+                stage.remedy.before_backward()
+            out.backward(grads[i + 1].pop(j) if i < n - 1 else None)
+            stale = forwarded_at[i].pop(j) != stage.steps
+            if stage.remedy is not None:
+                stage.remedy.after_backward(stale=origin_stale[j] if stage.stale_by_origin else stale)
+            if i > 0:
+                grads[i][j] = inp.grad
+        else:
+            stage.step()
+        return True
+
+    cursor = advance(plan.stages, run)  # the order lightning_paci's simulator and transport check use
+    if any(c < len(actions) for c, actions in zip(cursor, plan.stages)):
+        raise RuntimeError(f"the plan deadlocked in the replay at cursors {cursor}")
 
 
 @torch.no_grad()

@@ -74,11 +74,16 @@ class LitTiny(LightningModule):
         self.log("val_loss", loss, sync_dist=True)  # DDP's mean over replicas (no-op with one replica)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
-        if not self.sched:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw(self.parameters(), self.lr, self.sched)
+
+
+def adamw(params, lr: float, sched: bool):
+    """The test models' optimizer: AdamW, with a per-step LambdaLR when ``sched``."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    if not sched:
+        return opt
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def token_data(n: int = 64, block: int = 8, vocab: int = 32, seed: int = 0, dtype=torch.long):

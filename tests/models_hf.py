@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_paci.plan import Plan
+from tests.models import adamw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny configs only: nothing may be fetched
 
@@ -61,11 +62,7 @@ class LitHF(LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
-        if not self.sched:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw(self.parameters(), self.lr, self.sched)
 
 
 def fresh_hf(kind: str) -> LitHF:
