@@ -12,6 +12,12 @@ gradient with the loss, i+1 -> i). Operations print compactly and parse back::
     sA3  post the send of micro-batch 3's activations         sG3  likewise for the gradient
     W    wait for every send posted so far (at drains)
 
+Weights tied across stages under PACI (tied.py) add two kinds, on the tied group's own process group
+between the owner and each holder: ``T`` (a holder's share of window w's tied gradient, holder ->
+owner) and ``U`` (the owner's weight after its step w, owner -> holder). Their ``micro_batch`` field
+holds the window and ``peer`` the other end (``sT0>0``: send window 0's share to stage 0); ``WU`` waits
+for the tied weight sends only (the owner, before its next step overwrites the weight being sent).
+
 Receives are posted early where the order of messages allows, so the transport moves a message while
 the stage computes: the next activations of the same batch right after a forward's input arrived, and
 a forward's gradient right after its activations were sent (``EAGER``). ``LAZY`` posts every
@@ -37,30 +43,36 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 from lightning_paci.dataflow import advance
 
 ACTIVATION, GRADIENT = "A", "G"
+TIED_GRAD, TIED_WEIGHT = "T", "U"  # tied.py under PACI: a holder's gradient share up, the owner's weight back
+TIED_GROUP = "tied"  # the tied group's process group (one per tied group, tied.py)
 POST_RECV, WAIT, SEND, WAIT_SENDS = "r", "w", "s", "W"
 EAGER, LAZY = "eager", "lazy"
 SHARED = {ACTIVATION: "pipeline", GRADIENT: "pipeline"}
 PER_DIRECTION = {ACTIVATION: "activations", GRADIENT: "gradients"}
 Transport = Literal["gloo", "nccl"]
-_OP_RE = re.compile(r"^([rws])([AG])(\d+)$|^W$")
+_OP_RE = re.compile(r"^([rws])([AGTU])(\d+)(?:>(\d+))?$|^W(U?)$")
 
 
 class CommOp(NamedTuple):
-    """One point-to-point operation: ``verb`` r/w/s/W, ``kind`` A/G (None for W), its micro-batch."""
+    """One point-to-point operation: ``verb`` r/w/s/W, ``kind`` A/G/T/U (None for W), its micro-batch (the
+    window for T/U); ``peer``: the other stage, for T/U only (A/G go to a neighbour)."""
 
     verb: str
     kind: str | None = None
     micro_batch: int | None = None
+    peer: int | None = None
 
     def __str__(self) -> str:
-        return self.verb if self.kind is None else f"{self.verb}{self.kind}{self.micro_batch}"
+        if self.micro_batch is None:
+            return self.verb + (self.kind or "")
+        return f"{self.verb}{self.kind}{self.micro_batch}" + (f">{self.peer}" if self.peer is not None else "")
 
     __repr__ = __str__
 
@@ -71,7 +83,9 @@ def parse_op(token: str) -> CommOp | None:
     match = _OP_RE.match(token)
     if match is None:
         return None
-    return CommOp(WAIT_SENDS) if token == WAIT_SENDS else CommOp(match[1], match[2], int(match[3]))
+    if match[1] is None:
+        return CommOp(WAIT_SENDS, match[5] or None)
+    return CommOp(match[1], match[2], int(match[3]), int(match[4]) if match[4] is not None else None)
 
 
 def lower(actions: Sequence[Any], stage: int, n_stages: int, micro_batches: int,
@@ -130,16 +144,18 @@ def lower_plan(plan: Any, posting: str = EAGER) -> tuple[tuple[Any, ...], ...]:
 
 def _peer(stage: int, op: CommOp) -> int:
     """The other end of ``op``: activations come from i-1 and go to i+1, gradients the other way."""
+    if op.peer is not None:
+        return op.peer
     toward_next = (op.kind == ACTIVATION) == (op.verb == SEND)
     return stage + 1 if toward_next else stage - 1
 
 
 def _stream(stage: int, op: CommOp, transport: Transport, channels: dict[str, str]) -> tuple:
-    peer = _peer(stage, op)
+    peer, group = _peer(stage, op), channels.get(op.kind, TIED_GROUP)
     if transport == "nccl":  # one stream per (group, rank pair), both directions
-        return channels[op.kind], min(stage, peer), max(stage, peer)
+        return group, min(stage, peer), max(stage, peer)
     sender, receiver = (stage, peer) if op.verb == SEND else (peer, stage)
-    return channels[op.kind], op.kind, sender, receiver  # gloo: per message direction
+    return group, op.kind, sender, receiver  # gloo: per message direction
 
 
 def check_transport(programs: Sequence[Sequence[Any]], transport: Transport,
@@ -156,21 +172,21 @@ def check_transport(programs: Sequence[Sequence[Any]], transport: Transport,
     n = len(programs)
     queues: dict[tuple, dict[int, deque[CommOp]]] = {}
     done: list[set[CommOp]] = [set() for _ in range(n)]
-    open_sends = [0] * n
+    open_sends: list[Counter] = [Counter() for _ in range(n)]  # by message kind
 
     def run(i: int, k: int, op: Any) -> bool:
         """Compute actions and posts never block; a wait runs once what it waits for completed."""
         if not isinstance(op, CommOp):
             return True
         if op.verb == WAIT:
-            return CommOp(POST_RECV, op.kind, op.micro_batch) in done[i]
-        if op.verb == WAIT_SENDS:
-            return not open_sends[i]
+            return CommOp(POST_RECV, op.kind, op.micro_batch, op.peer) in done[i]
+        if op.verb == WAIT_SENDS:  # W: every send; WU: the tied weight sends
+            return not (open_sends[i][op.kind] if op.kind else sum(open_sends[i].values()))
         peer = _peer(i, op)
         if not 0 <= peer < n:
             raise ValueError(f"stage {i}: {op} has no peer (stage {peer})")
         queues.setdefault(_stream(i, op, transport, channels), {}).setdefault(i, deque()).append(op)
-        open_sends[i] += op.verb == SEND
+        open_sends[i][op.kind] += op.verb == SEND
         return True
 
     def match() -> bool:
@@ -187,7 +203,7 @@ def check_transport(programs: Sequence[Sequence[Any]], transport: Transport,
                 qa.popleft(), qb.popleft()
                 for stage, op in ((a, x), (b, y)):
                     done[stage].add(op)
-                    open_sends[stage] -= op.verb == SEND
+                    open_sends[stage][op.kind] -= op.verb == SEND
                 matched = True
         return matched
 

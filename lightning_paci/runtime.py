@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 from lightning_paci.allreduce import ReplicaGradients
 from lightning_paci.batches import combine_outputs, join_predictions, split_batch
 from lightning_paci.clock import clock_for
-from lightning_paci.comm import WAIT, WAIT_SENDS, CommOp, lower
+from lightning_paci.comm import TIED_GRAD, TIED_WEIGHT, WAIT, WAIT_SENDS, CommOp, lower
 from lightning_paci.hollow import StageView
 from lightning_paci.hooks import StageHooks
 from lightning_paci.inputs import SharedRandomness, check_fingerprint, fingerprint
@@ -52,6 +52,8 @@ from lightning_paci.plan import Action, F
 from lightning_paci.schedules import PlanSpec
 from lightning_paci.telemetry import StageTelemetry
 from lightning_paci.timeline import TimelineEvent
+
+TIED = (TIED_GRAD, TIED_WEIGHT)  # tied-weight operations: their handlers take the whole operation (peer, window)
 
 
 def _loss_of(output: Any) -> Tensor:
@@ -85,19 +87,20 @@ class StageRuntime:
                  optimizer: torch.optim.Optimizer, aliases: list[tuple[nn.Parameter, nn.Parameter]],
                  schedulers: list[Any], device: torch.device,
                  forward_context: Callable[[], Any] = nullcontext, hooks: StageHooks | None = None,
-                 record_timeline: bool = False, seed: int = 0, tied: Callable[[], None] | None = None,
+                 record_timeline: bool = False, seed: int = 0, tied: Any = None,
                  replicas: ReplicaGradients | None = None, skip_nonfinite_windows: bool = False) -> None:
         self.module, self.view, self.spec, self.link = module, view, spec, link
         self.stage, self.last = view.stage, view.stage == spec.n_stages - 1
         self.optimizer, self.aliases, self.schedulers = optimizer, aliases, schedulers
-        self.tied = tied  # sums gradients of weights tied across stages before each step (tied.py)
+        self.tied = tied  # weights tied across stages (tied.py): an all-reduce at S, or PACI's messages around it
         self.device, self.forward_context, self.hooks = device, forward_context, hooks
         self.replicas = replicas
         # Keys: an action's kind, or an operation's verb and message kind (comm.py's text form).
         self.handlers: dict[str, Callable[[Any], None]] = {
             "F": self._forward, "B": self._backward, "S": self._step, "R": self._allreduce,
             "rA": self._post_activations, "wA": self._wait_activations, "sA": self._send_activations,
-            "rG": self._post_grads, "wG": self._wait_grads, "sG": self._send_grads, "W": self._wait_sends}
+            "rG": self._post_grads, "wG": self._wait_grads, "sG": self._send_grads, "W": self._wait_sends,
+            **(tied.handlers if tied is not None else {})}
         self._eval_handlers = {**self.handlers, "F": self._eval_forward}
         entry = module.get_submodule(view.entry) if view.entry is not None else None
         self.randomness = SharedRandomness(seed, self.stage, device, entry)
@@ -152,9 +155,9 @@ class StageRuntime:
         if self.hooks is not None:
             self.hooks.direct = self.last  # the logger's process, inside a batch: hooks log as usual
         try:
-            program = lower(self.spec.batch(self.stage, k, self._closing), self.stage, self.spec.n_stages, m,
-                            wait_sends=False)  # sends are waited for at drains (and by back-pressure)
-            self._run(program, f"batch {k} since the last drain")
+            # sends are waited for at drains (and by back-pressure)
+            self._run(self._program(self.spec.batch(self.stage, k, self._closing), False, wait_sends=False),
+                      f"batch {k} since the last drain")
         finally:
             if self.hooks is not None:
                 self.hooks.direct = False
@@ -192,8 +195,10 @@ class StageRuntime:
         self._losses = []
         start = self.clock.mark()
         actions = self.spec.drain(self.stage, self.batches_since_drain, self._closing)
-        self._run(lower(actions, self.stage, self.spec.n_stages, self.spec.micro_batches), "drain")  # ends with W
+        self._run(self._program(actions, True), "drain")  # ends with W
         self._closing = set()
+        if self.tied is not None:
+            self.tied.drained(self.version)
         self.stats.span(start, self.clock.mark(), self.link.take_waits())
         self.stats.settle(block=True)
         self._last_end = None
@@ -228,6 +233,11 @@ class StageRuntime:
         return results
 
     # -- the table of handlers -------------------------------------------------------------------------
+    def _program(self, actions: Sequence[Action], drain: bool, **kwargs: Any) -> Sequence[Action | CommOp]:
+        """``comm.lower`` of a batch's or drain's actions, with PACI's tied-weight messages (tiedplan.py)."""
+        program = lower(actions, self.stage, self.spec.n_stages, self.spec.micro_batches, **kwargs)
+        return program if self.tied is None else self.tied.lower(program, self.version, drain)
+
     def _run(self, program: Sequence[Action | CommOp], where: str, handlers: dict | None = None,
              timed: bool = True) -> None:
         """Execute ``program`` in order. Telemetry times each compute action together with the operations
@@ -249,7 +259,7 @@ class StageRuntime:
             try:
                 if handler is None:
                     raise PipelineError(f"no handler for {op}")
-                handler(op.micro_batch)
+                handler(op if not compute and op.kind in TIED else op.micro_batch)
             except PipelineError:
                 raise
             except Exception as error:
@@ -289,6 +299,8 @@ class StageRuntime:
 
     def _wait_sends(self, _: None) -> None:
         self.link.wait_sends()
+        if self.tied is not None:
+            self.tied.wait_sends()
 
     def _received(self, j: int, mine: Tensor, batch_idx: int, index: int, what: str) -> list[Tensor]:
         """The activations ``wA j`` received (none on stage 0); their fingerprint is checked against
@@ -421,7 +433,7 @@ class StageRuntime:
 
     def telemetry(self) -> dict[str, Any]:
         return {**self.stats.summary(self.version, sum(p.numel() for p, _ in self.aliases)),
-                "skipped_windows": self.guard.skipped}
+                "skipped_windows": self.guard.skipped, **(self.tied.telemetry() if self.tied is not None else {})}
 
 
 def _window_ends(program: Sequence[Action | CommOp]) -> set[int]:

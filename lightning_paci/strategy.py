@@ -72,7 +72,7 @@ from lightning_paci.runtime import StageRuntime, alias_parameters
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
 from lightning_paci.signals import PipelineSignals
 from lightning_paci.telemetry import publish_telemetry
-from lightning_paci.tied import TiedGradients, check_tied_schedule
+from lightning_paci.tied import TiedCopies, TiedGradients, check_tied_schedule
 
 
 class PACIStrategy(ParallelStrategy):
@@ -360,10 +360,13 @@ class PACIStrategy(ParallelStrategy):
         if fitting and self.stage_split.tied and replicas > 1:
             raise ValueError("weights tied across stages with data-parallel replicas are not supported yet: "
                              "untie them, or run one replica (devices x num_nodes = stages)")
-        tied = (TiedGradients(self.lightning_module, self.stage_split, self.stage, self.layout.pipeline_ranks(0),
-                              self._timeout) if fitting and self.stage_split.tied else None)  # one replica
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation,
                         replicas)
+        tied = None  # one replica: the groups are over pipeline 0's ranks
+        if fitting and self.stage_split.tied:
+            args = (self.lightning_module, self.stage_split, self.stage, self.layout.pipeline_ranks(0))
+            tied = (TiedCopies(*args, spec, self._timeout) if spec.schedule == "paci"
+                    else TiedGradients(*args, self._timeout))
         if self.runtime is not None and self.runtime.replicas is not None:
             self.runtime.replicas.remove()  # a new runtime (a later fit): one hook per parameter
         averaging = (ReplicaGradients([p for p, _ in self._aliases], self._groups.replica_group, replicas)

@@ -7,6 +7,11 @@ checked against.
   replay, but for any model: a stage's forward runs the user's whole forward for real, swaps the
   previous stage's output in at the stage's first module (a forward pre-hook) and stops at the next
   stage's first module. It uses neither hollow.py nor the runtime, only the partition's unit names.
+  With ``tied_lag`` (GPT-2's ``wte``/``lm_head`` under PACI, stated here independently of tied.py):
+  the first stage's ``wte`` is the one stepped weight, on its own gradient plus the last stage's share
+  of the same window; the last stage's ``lm_head`` is a separate copy that its optimizer never steps
+  and that, at its step w, takes the weight ``wte`` had after the first stage's step ``w - tied_lag``,
+  and at the end the final one.
 """
 
 from __future__ import annotations
@@ -118,14 +123,22 @@ def _stage_forward(lit: LitHF, entry: str | None, exit_: str | None, received: l
             h.remove()
 
 
-def hf_replay(kind: str, plan: Plan, stage_units: list[list[str]], entries: list[str | None], data: list) -> dict:
+def hf_replay(kind: str, plan: Plan, stage_units: list[list[str]], entries: list[str | None], data: list,
+              tied_lag: int | None = None) -> dict:
     """PACI's semantics in one process (see tests/reference.py ``_replay``): each stage's own
     optimizer steps at its S actions; a backward uses the stage's current weights."""
     lit = fresh_hf(kind)
     m, n = plan.micro_batches, plan.n_stages
+    owner = holder = None
+    if tied_lag is not None:
+        owner = lit.model.transformer.wte.weight
+        lit.model.lm_head.weight = holder = nn.Parameter(owner.detach().clone())  # the last stage's copy
+    shares: dict[int, torch.Tensor] = {}  # the last stage's tied gradient of each window
+    weights: list[torch.Tensor] = []  # wte after each of the first stage's steps
+    windows = [0] * n
     stages = []
     for units in stage_units:
-        params = [p for u in units for p in lit.get_submodule(u).parameters()]
+        params = [p for u in units for p in lit.get_submodule(u).parameters() if p is not holder]
         aliases = [nn.Parameter(p.data) for p in params]
         stages.append((params, aliases, torch.optim.AdamW(aliases, lr=1e-2, weight_decay=0.1)))
     micro = {k * m + part: xs for k, (x, _) in enumerate(data) for part, xs in enumerate(x.chunk(m))}
@@ -155,13 +168,30 @@ def hf_replay(kind: str, plan: Plan, stage_units: list[list[str]], entries: list
                     grads[i][j] = [t.grad if t.grad is not None else torch.zeros_like(t)
                                    for t in inp if t.requires_grad]
                 else:
+                    w = windows[i]
+                    if holder is not None and i == 0 and w not in shares:
+                        break  # the first stage steps on the last stage's share of the window too
+                    if holder is not None and i == n - 1 and w >= tied_lag and w - tied_lag >= len(weights):
+                        break
+                    if holder is not None and i == 0:
+                        owner.grad = shares[w] if owner.grad is None else owner.grad + shares[w]
+                    if holder is not None and i == n - 1:
+                        shares[w] = holder.grad if holder.grad is not None else torch.zeros_like(holder)
+                        holder.grad = None
                     params, aliases, opt = stages[i]
                     for p, a in zip(params, aliases):
                         a.grad = p.grad
                     opt.step()
                     for p, a in zip(params, aliases):
                         p.grad = a.grad = None
+                    if holder is not None and i == 0:
+                        weights.append(owner.detach().clone())
+                    if holder is not None and i == n - 1 and w - tied_lag >= 0:
+                        holder.data.copy_(weights[w - tied_lag])
+                    windows[i] += 1
                 cursor[i] += 1
                 progressed = True
         assert progressed, "plan deadlocked in replay"
+    if holder is not None:
+        holder.data.copy_(weights[-1])  # the drain leaves the copies equal
     return lit.state_dict()

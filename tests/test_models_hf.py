@@ -66,7 +66,7 @@ def test_llama_rotary_embedding_runs_on_every_stage():
         partition_model(make_hf("llama"), 2, ["model.rotary_emb"])
 
 
-def test_tied_weights_are_found_with_their_name_on_each_stage_and_paci_refuses_them():
+def test_tied_weights_are_found_with_their_name_on_each_stage_and_paci_takes_one_group():
     from lightning_paci.tied import check_tied_schedule
     from tests.models import TinyGPT
 
@@ -75,9 +75,11 @@ def test_tied_weights_are_found_with_their_name_on_each_stage_and_paci_refuses_t
     part = partition_model(nano, 3)
     assert part.tied == ((("transformer.wte.weight", 0), ("lm_head.weight", 2)),)
     check_tied_schedule(part, "1f1b")
-    with pytest.raises(ValueError, match=r"transformer.wte.weight \(stage 0\) = lm_head.weight \(stage 2\).*"
-                                         r"schedule='1f1b'.*tie_word_embeddings=False"):
-        check_tied_schedule(part, "paci")
+    check_tied_schedule(part, "paci")  # the owner steps it, the last stage keeps a bounded-stale copy
+    nano.transformer.h[2].mlp[0].weight = nano.transformer.h[0].mlp[0].weight  # a second group
+    with pytest.raises(ValueError, match=r"2 groups of weights tied across stages \(transformer.wte.weight "
+                                         r"\(stage 0\) = lm_head.weight \(stage 2\);.*schedule='1f1b'"):
+        check_tied_schedule(partition_model(nano, 3), "paci")
     tied_gpt2 = partition_model(make_hf("gpt2-tied"), 2).tied
     assert tied_gpt2 == ((("transformer.wte.weight", 0), ("lm_head.weight", 1)),)
     assert partition_model(make_hf("gpt2"), 2).tied == ()
@@ -198,6 +200,32 @@ def test_paci_trains_llama_as_a_replay_of_its_plan(tmp_path):
     assert_same(params, hf_replay("llama", plan, units, [None, part.first_unit(1)], batches(4, STEPS)))
     with pytest.raises(AssertionError):  # PACI really is asynchronous here
         assert_same(params, hf_reference("llama", batches(4, STEPS)))
+
+
+def test_paci_trains_tied_gpt2_with_bounded_stale_copies_as_a_replay(tmp_path):
+    """wte (stage 0) is stepped on the summed gradient; lm_head (stage 1) installs it one step late."""
+    from lightning_paci.schedules import PlanSpec
+    from lightning_paci.tiedplan import tied_lag
+    from tests.reference import batches
+    from tests.test_pipeline_correctness import assert_same, run_pipeline
+
+    result, params = run_pipeline(tmp_path, "--nccl-order", "--hf", "gpt2-tied", "--schedule", "paci", "--stages",
+                                  "2", "--steps", str(STEPS), "--micro-batches", "2", "--batch-size", "4")
+    part = partition_model(fresh_hf("gpt2-tied"), 2)
+    units = [[u for u in part.stage_units(i) if u not in part.shared] for i in range(2)]
+    plan = PlanSpec("paci", 2, 2, 2).plan(STEPS)
+    lag = tied_lag(plan, 0, 1)
+    assert lag == 1  # micro_batches >= stages: the head's copy is one owner step behind
+    data, entries = batches(4, STEPS), [None, part.first_unit(1)]
+    assert_same(params, hf_replay("gpt2-tied", plan, units, entries, data, tied_lag=lag))
+    owner, holder = result["telemetry"]
+    assert (owner["tied_lag_bound"], owner["tied_lag_max"]) == (1, 0)
+    assert (holder["tied_lag_bound"], holder["tied_lag_max"], holder["tied_lag_last"]) == (1, 1, 1)
+    assert holder["tied_buffer_peak_bytes"] >= 100 * 32 * 8  # a received float64 (vocab, hidden) weight
+    with pytest.raises(AssertionError):  # the copy's staleness is what the run had: one step more differs
+        assert_same(params, hf_replay("gpt2-tied", plan, units, entries, data, tied_lag=2))
+    with pytest.raises(AssertionError):  # and it is not synchronous tied training
+        assert_same(params, hf_reference("gpt2-tied", data))
 
 
 def test_model_summary_with_example_input_reports_one_device_sizes_on_every_stage():
