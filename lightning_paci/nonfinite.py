@@ -23,7 +23,21 @@ from __future__ import annotations
 import warnings
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+
+
+def warn_nonfinite_loss(losses: Tensor, stage: int, first: int, batch_idx: int, steps_before: int) -> bool:
+    """Without ``skip_nonfinite_windows``: say once, where it first happens, that a non-finite loss entered
+    the pipeline (one host sync per batch on the last stage): its gradients reach every stage and nothing
+    skips them. ``losses``: the batch's micro-batch losses, the first being micro-batch ``first``."""
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        rank_zero_warn(f"lightning_paci: stage {stage} computed a non-finite loss ({losses[bad[0]].item()}) for "
+                       f"micro-batch {first + bad[0]} (batch_idx {batch_idx}, after {steps_before} optimizer "
+                       "steps of this stage); its gradients reach every stage, and each stage's next step makes "
+                       "its weights non-finite (skip_nonfinite_windows=True skips such windows instead)")
+    return bool(bad)
 
 
 class WindowGuard:

@@ -34,7 +34,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
@@ -46,7 +45,7 @@ from lightning_paci.hollow import StageView
 from lightning_paci.hooks import StageHooks
 from lightning_paci.inputs import SharedRandomness, check_fingerprint, fingerprint
 from lightning_paci.logs import LogCapture
-from lightning_paci.nonfinite import WindowGuard
+from lightning_paci.nonfinite import WindowGuard, warn_nonfinite_loss
 from lightning_paci.p2p import PipelineError, StageLink, report_failure
 from lightning_paci.plan import Action, F
 from lightning_paci.schedules import PlanSpec
@@ -168,24 +167,12 @@ class StageRuntime:
         self._check_fingerprints()
         self._log.flush()
         if self.last and not self._nonfinite_seen and not self.guard.enabled:
-            self._report_nonfinite(batch_idx, steps_before)
+            self._nonfinite_seen = warn_nonfinite_loss(torch.stack(self._losses), self.stage, self._first,
+                                                       batch_idx, steps_before)
         loss = torch.stack(self._losses).mean() if self._losses else torch.tensor(float("nan"))
         if isinstance(self._output, dict):
             return {**self._output, "loss": loss}
         return loss
-
-    def _report_nonfinite(self, batch_idx: int, steps_before: int) -> None:
-        """Say once, where it first happens, that a non-finite loss entered the pipeline (one host sync
-        per batch on the last stage): its gradients reach every stage and nothing skips them."""
-        losses = torch.stack(self._losses)
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        if bad:
-            self._nonfinite_seen = True
-            rank_zero_warn(f"lightning_paci: stage {self.stage} computed a non-finite loss "
-                           f"({losses[bad[0]].item()}) for micro-batch {self._first + bad[0]} (batch_idx "
-                           f"{batch_idx}, after {steps_before} optimizer steps of this stage); its gradients "
-                           "reach every stage, and each stage's next step makes its weights non-finite "
-                           "(skip_nonfinite_windows=True skips such windows instead)")
 
     def drain(self) -> None:
         """Finish every backward in flight, with the steps of the windows that ended: all stages then

@@ -7,11 +7,8 @@ checked against.
   replay, but for any model: a stage's forward runs the user's whole forward for real, swaps the
   previous stage's output in at the stage's first module (a forward pre-hook) and stops at the next
   stage's first module. It uses neither hollow.py nor the runtime, only the partition's unit names.
-  With ``tied_lag`` (GPT-2's ``wte``/``lm_head`` under PACI, stated here independently of tied.py):
-  the first stage's ``wte`` is the one stepped weight, on its own gradient plus the last stage's share
-  of the same window; the last stage's ``lm_head`` is a separate copy that its optimizer never steps
-  and that, at its step w, takes the weight ``wte`` had after the first stage's step ``w - tied_lag``,
-  and at the end the final one.
+  With ``tied_lag``: GPT-2's ``wte`` (first stage) and ``lm_head`` (last stage) as PACI's tied copies
+  (tests/tied_replay.py).
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_paci.plan import Plan
 from tests.models import adamw
+from tests.tied_replay import TiedReplay
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny configs only: nothing may be fetched
 
@@ -129,12 +127,11 @@ def hf_replay(kind: str, plan: Plan, stage_units: list[list[str]], entries: list
     optimizer steps at its S actions; a backward uses the stage's current weights."""
     lit = fresh_hf(kind)
     m, n = plan.micro_batches, plan.n_stages
-    owner = holder = None
+    holder, tied = None, None
     if tied_lag is not None:
         owner = lit.model.transformer.wte.weight
         lit.model.lm_head.weight = holder = nn.Parameter(owner.detach().clone())  # the last stage's copy
-    shares: dict[int, torch.Tensor] = {}  # the last stage's tied gradient of each window
-    weights: list[torch.Tensor] = []  # wte after each of the first stage's steps
+        tied = TiedReplay(owner, holder, 0, n - 1, tied_lag)
     windows = [0] * n
     stages = []
     for units in stage_units:
@@ -169,29 +166,22 @@ def hf_replay(kind: str, plan: Plan, stage_units: list[list[str]], entries: list
                                    for t in inp if t.requires_grad]
                 else:
                     w = windows[i]
-                    if holder is not None and i == 0 and w not in shares:
-                        break  # the first stage steps on the last stage's share of the window too
-                    if holder is not None and i == n - 1 and w >= tied_lag and w - tied_lag >= len(weights):
+                    if tied is not None and not tied.ready(i, w):
                         break
-                    if holder is not None and i == 0:
-                        owner.grad = shares[w] if owner.grad is None else owner.grad + shares[w]
-                    if holder is not None and i == n - 1:
-                        shares[w] = holder.grad if holder.grad is not None else torch.zeros_like(holder)
-                        holder.grad = None
+                    if tied is not None:
+                        tied.before_step(i, w)
                     params, aliases, opt = stages[i]
                     for p, a in zip(params, aliases):
                         a.grad = p.grad
                     opt.step()
                     for p, a in zip(params, aliases):
                         p.grad = a.grad = None
-                    if holder is not None and i == 0:
-                        weights.append(owner.detach().clone())
-                    if holder is not None and i == n - 1 and w - tied_lag >= 0:
-                        holder.data.copy_(weights[w - tied_lag])
+                    if tied is not None:
+                        tied.after_step(i, w)
                     windows[i] += 1
                 cursor[i] += 1
                 progressed = True
         assert progressed, "plan deadlocked in replay"
-    if holder is not None:
-        holder.data.copy_(weights[-1])  # the drain leaves the copies equal
+    if tied is not None:
+        tied.drained()  # the drain leaves the copies equal
     return lit.state_dict()

@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--init-module", action="store_true",
                         help="build the model under trainer.init_module(empty_init=True) (on the meta device)")
     parser.add_argument("--hf", default=None, help="a tiny Hugging Face model instead (tests/models_hf.py KINDS)")
+    parser.add_argument("--tied", action="store_true", help="nanoGPT's tying: wte.weight = lm_head.weight")
     parser.add_argument("--split-points", default=None, help="comma-separated PACIStrategy(split_points=...)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -277,6 +278,8 @@ def main() -> None:
         model = module_class(n_layers=args.layers, dtype=getattr(torch, args.dtype),
                              batch_format=args.batch_format, sched=args.sched, dropout=args.dropout,
                              **({"extras": True} if args.extras else {}))
+    if args.tied:
+        model.model.transformer.wte.weight = model.model.lm_head.weight
     if args.save_hparams:
         model.save_hyperparameters({"n_layers": args.layers, "dtype": getattr(torch, args.dtype),
                                     "batch_format": args.batch_format, "sched": args.sched,

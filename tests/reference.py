@@ -9,6 +9,8 @@
   validations or epoch ends in between does. ``skip={stage: {window, ...}}`` makes those S actions
   (counted from 0 per stage) drop their gradients without an optimizer step; the LR scheduler still
   steps (skip_nonfinite_windows' semantics, stated here independently of how the runtime decides).
+  ``tied_lag``: nanoGPT's tying (``wte.weight = lm_head.weight``) under PACI, as tests/tied_replay.py
+  states it (the first stage steps the weight, the last stage keeps a copy ``tied_lag`` steps stale).
 - ``epoch_batches``: the batches Lightning's DistributedSampler (one replica, seed 0) yields.
 """
 
@@ -22,6 +24,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 from lightning_paci.plan import Plan
 from tests.models import LitTiny, loader, token_data
+from tests.tied_replay import TiedReplay
 
 
 def fresh_model(n_layers: int, dtype: torch.dtype = torch.float64, extras: bool = False) -> LitTiny:
@@ -100,18 +103,28 @@ def replay_plan(plan: Plan, stage_units: list[list[str]], n_layers: int, data: l
 
 
 def replay_segments(plans: list[Plan], stage_units: list[list[str]], n_layers: int, data: list,
-                    sched: bool = False, skip: dict[int, set[int]] | None = None) -> list[dict]:
+                    sched: bool = False, skip: dict[int, set[int]] | None = None,
+                    tied_lag: int | None = None) -> list[dict]:
     """Each plan on the next ``plan.n_batches`` batches of ``data``; the model after each (a copy).
     Gradients of a window a plan leaves open stay accumulated into the next one."""
     lit = fresh_model(n_layers)
+    tied = None
+    if tied_lag is not None:
+        lit.model.transformer.wte.weight = lit.model.lm_head.weight  # the tying the run made
+        lit.model.lm_head.weight = nn.Parameter(lit.model.lm_head.weight.detach().clone())  # the last stage's copy
+        tied = TiedReplay(lit.model.transformer.wte.weight, lit.model.lm_head.weight, 0, len(stage_units) - 1,
+                          tied_lag)
     stages = []
     for units in stage_units:
-        params = [p for u in units for p in lit.get_submodule(u).parameters()]
+        params = [p for u in units for p in lit.get_submodule(u).parameters()
+                  if tied is None or p is not tied.holder]
         aliases = [nn.Parameter(p.data) for p in params]
         stages.append((params, aliases, *_optimizer(aliases, sched)))
     snapshots, offset, windows = [], 0, [0] * len(stage_units)
     for plan in plans:
-        _replay(plan, stage_units, lit, stages, data[offset:offset + plan.n_batches], skip or {}, windows)
+        _replay(plan, stage_units, lit, stages, data[offset:offset + plan.n_batches], skip or {}, windows, tied)
+        if tied is not None:
+            tied.drained()
         offset += plan.n_batches
         snapshots.append({k: v.clone() for k, v in lit.state_dict().items()})
     assert offset == len(data), f"the plans train {offset} batches, the data has {len(data)}"
@@ -119,7 +132,7 @@ def replay_segments(plans: list[Plan], stage_units: list[list[str]], n_layers: i
 
 
 def _replay(plan: Plan, stage_units: list[list[str]], lit: LitTiny, stages: list, data: list,
-            skip: dict[int, set[int]], windows: list[int]) -> None:
+            skip: dict[int, set[int]], windows: list[int], tied: TiedReplay | None = None) -> None:
     m, n = plan.micro_batches, plan.n_stages
     micro = {}
     for k, (x, y) in enumerate(data):
@@ -152,11 +165,17 @@ def _replay(plan: Plan, stage_units: list[list[str]], lit: LitTiny, stages: list
                     if inp is not None:
                         grads[i][j] = inp.grad
                 else:
+                    if tied is not None and not tied.ready(i, windows[i]):
+                        break
+                    if tied is not None:
+                        tied.before_step(i, windows[i])
                     params, aliases, opt, scheduler = stages[i]
                     for p, a in zip(params, aliases):
                         a.grad = p.grad
                     if windows[i] not in skip.get(i, ()):
                         opt.step()
+                    if tied is not None:
+                        tied.after_step(i, windows[i])
                     windows[i] += 1
                     if scheduler:
                         scheduler.step()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning_paci.partition import partition_model
 from lightning_paci.schedules import PlanSpec
 from tests.models import LitTiny, loader, token_data
-from tests.reference import epoch_batches, fresh_model, replay_segments
+from tests.reference import batches, epoch_batches, fresh_model, replay_segments
 from tests.test_pipeline_correctness import LAYERS, assert_same, run_pipeline
 
 
@@ -124,3 +124,17 @@ def test_validation_by_wall_clock_is_refused_before_launch():
     with pytest.raises(ValueError, match="number of batches"):
         trainer.fit(LitTiny(), loader(), loader(seed=1))
     assert not torch.distributed.is_initialized()
+
+
+def test_paci_tied_copies_are_equal_at_drains_and_match_the_replay(tmp_path):
+    """nanoGPT's tying (wte = lm_head, stages 0 and 1) under PACI, validating after batches 2 and 4:
+    segments of 2 and 2 batches. After each drain the last stage's copy is the first stage's weight."""
+    result, params = run_pipeline(
+        tmp_path, "--nccl-order", "--tied", "--schedule", "paci", "--stages", "2", "--micro-batches", "2",
+        "--batch-size", "4", "--steps", "4", "--val-every", "2", fork=False)
+    assert torch.equal(params["model.transformer.wte.weight"], params["model.lm_head.weight"])
+    spec = PlanSpec("paci", 2, 2, 2)
+    snapshots = replay_segments([spec.plan(2), spec.plan(2)], _units(2), LAYERS, batches(4, 4), tied_lag=1)
+    assert_same(params, snapshots[-1])
+    holder = result["telemetry"][1]
+    assert (holder["tied_lag_bound"], holder["tied_lag_max"], holder["tied_lag_last"]) == (1, 1, 1)
