@@ -11,7 +11,8 @@ with each input gradient it sends back, so the flag rides upstream inside the pi
   other way, i.e. a synchronisation this option is meant to avoid).
 
 With weights tied across stages (tied.py) the step checks the summed gradients again, so a stage
-whose tied copy received a non-finite gradient skips the window too.
+whose tied copy received a non-finite gradient skips the window too. Under PACI only the owner's
+sum changes at its step; a holder checked its own share already (it is among its gradients).
 
 Every stage's windows hold the same micro-batches (a step follows the backward that completes one,
 in micro-batch order, on every stage), so "the window" means the same thing on both ends of a

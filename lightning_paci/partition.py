@@ -23,7 +23,7 @@ runs them itself: they never start a stage and never make a split depend on call
 a stage in ``stage_of`` for the table only.
 
 A parameter used by units of several stages (tied embeddings) is listed in ``tied`` with its name
-on each of those stages; tied.py keeps the stages' copies equal (flush schedules) or refuses (PACI).
+on each of those stages; tied.py keeps the stages' copies equal (flush schedules) or bounded-stale (PACI).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ windows are the ones the caller reports (``closes_window``, Lightning's optimize
   computes only its stage) on the activations ``wA j`` received; keep the graph until ``B j``.
 - ``B j``: backward of micro-batch j with the gradient ``wG j`` received (the last stage uses its
   loss scaled by 1/accumulation); its input gradient waits for ``sG j``.
-- ``S``: optimizer step of this stage, LR schedulers, clear gradients.
+- ``S``: optimizer step of this stage, LR schedulers, clear gradients (PACI's tied weights: tied.py).
 - ``R`` (data-parallel replicas only): the window's last backward all-reduces its gradients over the
   stage's replicas as it produces them; ``S`` waits for that first (allreduce.py).
 - ``rA j``/``rG j`` post a receive, ``wA j``/``wG j`` wait for it, ``sA j``/``sG j`` post a send,
