@@ -121,6 +121,9 @@ class TiedCopies:
         self.lag = spec_lag(spec, self.owner, self.holders)  # proves the messages deadlock-free too
         self.name = _name_on(partition, 0, stage) if stage in stages else None
         self.param = model.get_parameter(self.name) if self.name is not None else None
+        # gloo moves host tensors only: on a CUDA device (stages sharing one GPU) messages go through the host
+        staged = self.param is not None and self.param.is_cuda and dist.get_backend(self.group) == "gloo"
+        self._wire = torch.device("cpu") if staged else None
         self.since: int | None = None  # steps at the last drain: no weight was asked for before it
         self.copy_version = 0  # owner steps in this holder's copy
         self.lag_max = self.lag_last = 0
@@ -163,11 +166,12 @@ class TiedCopies:
         grad = (self.param.grad if self.param.grad is not None else torch.zeros_like(self.param)).contiguous()
         self.param.grad = None  # the holder's optimizer skips its copy: the owner steps the tied weight
         self._grad_sends = [(w, t) for w, t in self._grad_sends if not w.is_completed()]
+        grad = grad.to(self._wire) if self._wire is not None else grad
         self._grad_sends.append((dist.isend(grad, self.rank_of[op.peer], group=self.group), grad))
         self._held()
 
     def _post_grad(self, op: CommOp) -> None:
-        buffer = torch.empty_like(self.param)
+        buffer = torch.empty_like(self.param, device=self._wire)
         self._grads_in[op.micro_batch, op.peer] = (dist.irecv(buffer, self.rank_of[op.peer], group=self.group),
                                                    buffer)
         self._held()
@@ -175,6 +179,7 @@ class TiedCopies:
     def _wait_grad(self, op: CommOp) -> None:
         work, share = self._grads_in.pop((op.micro_batch, op.peer))
         self._wait(work, f"receiving stage {op.peer}'s tied gradient share of window {op.micro_batch}")
+        share = share.to(self.param.device)
         if self.param.grad is None:
             self.param.grad = share
         else:
@@ -182,10 +187,11 @@ class TiedCopies:
 
     def _send_weight(self, op: CommOp) -> None:
         weight = self.param.detach()  # not written before the next S, whose WU waits for this send first
+        weight = weight.to(self._wire) if self._wire is not None else weight
         self._weight_sends.append((dist.isend(weight, self.rank_of[op.peer], group=self.group), weight))
 
     def _post_weight(self, op: CommOp) -> None:
-        buffer = torch.empty_like(self.param)
+        buffer = torch.empty_like(self.param, device=self._wire)
         self._weights_in[op.micro_batch] = (dist.irecv(buffer, self.rank_of[op.peer], group=self.group), buffer)
         self._held()
         # right after S_w: this stage's forwards from now on use the owner's weight after its step copy_version-1
