@@ -389,12 +389,12 @@ class StageRuntime:
         return [p.grad for p, _ in self.aliases if p.grad is not None]
 
     def _step(self, _: None) -> None:
-        if self.tied is not None:
-            self.tied()
-            self.guard.backward_done()  # tied gradients summed in from other stages: checked again at the step
         if self.replicas is not None:
             self.replicas.finish()  # every hook and the optimizer see the replicas' mean gradient
             self.guard.backward_done()  # a replica's non-finite gradient reaches every replica's mean
+        if self.tied is not None:  # after the replicas' mean: tied holders sum means (tied.py)
+            self.tied()
+            self.guard.backward_done()  # tied gradients summed in from other stages: checked again at the step
         for param, alias in self.aliases:
             alias.grad = param.grad
         if self.hooks is not None:  # the hooks see the real parameters' grads, clipping acts on the aliases'

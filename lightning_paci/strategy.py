@@ -357,16 +357,18 @@ class PACIStrategy(ParallelStrategy):
                          timeout_s=self._timeout.total_seconds())
         fitting = trainer.state.fn == TrainerFn.FITTING
         replicas = self.layout.replicas
-        if fitting and self.stage_split.tied and replicas > 1:
-            raise ValueError("weights tied across stages with data-parallel replicas are not supported yet: "
-                             "untie them, or run one replica (devices x num_nodes = stages)")
         spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation,
                         replicas)
-        tied = None  # one replica: the groups are over pipeline 0's ranks
+        if fitting and self.stage_split.tied and replicas > 1 and spec.schedule == "paci":
+            raise ValueError("weights tied across stages with data-parallel replicas are not supported under "
+                             "schedule='paci' yet: use schedule='1f1b' or 'gpipe', untie them, or run one replica "
+                             "(devices x num_nodes = stages)")
+        tied = None
         if fitting and self.stage_split.tied:
-            args = (self.lightning_module, self.stage_split, self.stage, self.layout.pipeline_ranks(0))
-            tied = (TiedCopies(*args, spec, self._timeout) if spec.schedule == "paci"
-                    else TiedGradients(*args, self._timeout))
+            pipelines = [self.layout.pipeline_ranks(r) for r in range(replicas)]
+            args = (self.lightning_module, self.stage_split, self.stage)
+            tied = (TiedCopies(*args, pipelines[0], spec, self._timeout) if spec.schedule == "paci"
+                    else TiedGradients(*args, pipelines, self.replica, self._timeout))
         if self.runtime is not None and self.runtime.replicas is not None:
             self.runtime.replicas.remove()  # a new runtime (a later fit): one hook per parameter
         averaging = (ReplicaGradients([p for p, _ in self._aliases], self._groups.replica_group, replicas)

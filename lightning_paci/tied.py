@@ -60,13 +60,18 @@ def check_tied_schedule(partition: Partition, schedule: str) -> None:
             "one, or pass split_points that keep each group's uses on one stage")
 
 
-def _groups(partition: Partition, rank_of: list[int], timeout: timedelta | None) -> list[tuple[list[int], Any]]:
-    """(stages, process group) of each tied group; every rank creates every group, in the same order
-    (torch.distributed requires it)."""
+def _groups(partition: Partition, pipelines: list[list[int]], replica: int,
+            timeout: timedelta | None) -> list[tuple[list[int], Any]]:
+    """(stages, process group) of each tied group of this rank's replica (``pipelines[r]``: the ranks of
+    replica r's stages). Every rank creates every replica's groups, in the same order (torch.distributed
+    requires it)."""
     out = []
-    for group in partition.tied:
-        stages = sorted({s for _, s in group})
-        out.append((stages, dist.new_group([rank_of[s] for s in stages], timeout=timeout)))
+    for r, rank_of in enumerate(pipelines):
+        for group in partition.tied:
+            stages = sorted({s for _, s in group})
+            handle = dist.new_group([rank_of[s] for s in stages], timeout=timeout)
+            if r == replica:
+                out.append((stages, handle))
     return out
 
 
@@ -75,14 +80,16 @@ def _name_on(partition: Partition, index: int, stage: int) -> str:
 
 
 class TiedGradients:
-    """Flush schedules: sums this stage's tied parameters' gradients with the other holders' at S."""
+    """Flush schedules: sums this stage's tied parameters' gradients with the other holders' of its replica
+    at S. With data-parallel replicas the runtime averages each stage's gradients over its replicas first,
+    so the sum of the averages is the average of the sums: exact, as one process on all replicas' data."""
 
     handlers: dict[str, Callable[[Any], None]] = {}
 
-    def __init__(self, model: nn.Module, partition: Partition, stage: int, rank_of: list[int],
-                 timeout: timedelta | None = None) -> None:
+    def __init__(self, model: nn.Module, partition: Partition, stage: int, pipelines: list[list[int]],
+                 replica: int = 0, timeout: timedelta | None = None) -> None:
         self.reductions: list[tuple[nn.Parameter, object]] = []
-        for index, (stages, handle) in enumerate(_groups(partition, rank_of, timeout)):
+        for index, (stages, handle) in enumerate(_groups(partition, pipelines, replica, timeout)):
             if stage in stages:
                 self.reductions.append((model.get_parameter(_name_on(partition, index, stage)), handle))
 
@@ -115,7 +122,7 @@ class TiedCopies:
     def __init__(self, model: nn.Module, partition: Partition, stage: int, rank_of: list[int], spec: Any,
                  timeout: timedelta | None = None) -> None:
         check_tied_schedule(partition, "paci")
-        (stages, self.group), = _groups(partition, rank_of, timeout)
+        (stages, self.group), = _groups(partition, [rank_of], 0, timeout)
         self.stage, self.rank_of, self.timeout = stage, rank_of, timeout
         self.owner, self.holders = stages[0], stages[1:]
         self.lag = spec_lag(spec, self.owner, self.holders)  # proves the messages deadlock-free too

@@ -77,10 +77,14 @@ def _run(tmp_path, schedule: str, *extra: str) -> tuple[dict, dict]:
 
 def test_1f1b_replicas_match_one_process_on_the_concatenated_batch(tmp_path):
     """Also: validation sharded over the replicas logs DDP's value (sync_dist's mean over the last stage's
-    replicas), and the checkpoint holds each stage's share once, written by replica 0."""
-    result, params = _run(tmp_path, "1f1b", "--validate", "--val-every", str(STEPS), "--ckpt-dir",
+    replicas), and the checkpoint holds each stage's share once, written by replica 0. The model ties
+    wte and lm_head as nanoGPT does (stages 0 and 1): each replica's two copies sum their gradients
+    after the replicas' mean (tied.py), which is one process's gradient of the concatenated batch."""
+    result, params = _run(tmp_path, "1f1b", "--tied", "--validate", "--val-every", str(STEPS), "--ckpt-dir",
                           str(tmp_path / "ckpt"))
-    expected = train_reference(LAYERS, concatenated(replica_batches(BATCH, STEPS, R)))
+    tied = fresh_model(LAYERS)
+    tied.model.transformer.wte.weight = tied.model.lm_head.weight
+    expected = train_reference(LAYERS, concatenated(replica_batches(BATCH, STEPS, R)), lit=tied)
     assert_same(params, expected)
     model = fresh_model(LAYERS)
     model.load_state_dict(expected)
