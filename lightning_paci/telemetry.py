@@ -4,6 +4,11 @@ The runtime marks each action's start and end on its clock (clock.py: CUDA event
 clock on CPU) and the waits inside it (p2p.py). Marks are turned into seconds later, at drains, when
 telemetry is read, and every ``SETTLE_EVERY`` actions for those the device has already passed, so
 measuring never makes the host wait for the device.
+
+A stage holding a copy of a weight tied across stages under PACI adds (tied.py): ``tied_lag_bound``,
+the owner steps its copy may lag by (read off the plan), ``tied_lag_max`` and ``tied_lag_last``, the
+lag it had after its steps, and ``tied_buffer_peak_bytes``, the most bytes its tied messages held at
+once (received weights, shares not yet sent; also inside ``peak_memory_bytes``).
 """
 
 from __future__ import annotations

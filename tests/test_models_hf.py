@@ -203,27 +203,28 @@ def test_paci_trains_llama_as_a_replay_of_its_plan(tmp_path):
 
 
 def test_paci_trains_tied_gpt2_with_bounded_stale_copies_as_a_replay(tmp_path):
-    """wte (stage 0) is stepped on the summed gradient; lm_head (stage 1) installs it one step late."""
+    """wte (stage 0) is stepped on the summed gradient; lm_head (stage 2) installs it two steps late
+    (micro_batches < stages); stage 1 holds no copy."""
     from lightning_paci.schedules import PlanSpec
     from lightning_paci.tiedplan import tied_lag
     from tests.reference import batches
     from tests.test_pipeline_correctness import assert_same, run_pipeline
 
     result, params = run_pipeline(tmp_path, "--nccl-order", "--hf", "gpt2-tied", "--schedule", "paci", "--stages",
-                                  "2", "--steps", str(STEPS), "--micro-batches", "2", "--batch-size", "4")
-    part = partition_model(fresh_hf("gpt2-tied"), 2)
-    units = [[u for u in part.stage_units(i) if u not in part.shared] for i in range(2)]
-    plan = PlanSpec("paci", 2, 2, 2).plan(STEPS)
-    lag = tied_lag(plan, 0, 1)
-    assert lag == 1  # micro_batches >= stages: the head's copy is one owner step behind
-    data, entries = batches(4, STEPS), [None, part.first_unit(1)]
+                                  "3", "--steps", str(STEPS), "--micro-batches", "2", "--batch-size", "4")
+    part = partition_model(fresh_hf("gpt2-tied"), 3)
+    units = [[u for u in part.stage_units(i) if u not in part.shared] for i in range(3)]
+    plan = PlanSpec("paci", 3, 2, 2).plan(STEPS)
+    lag = tied_lag(plan, 0, 2)
+    assert lag == 2  # stage 0 runs 2 forwards of window w+1 before its S_w: all of it
+    data, entries = batches(4, STEPS), [None, part.first_unit(1), part.first_unit(2)]
     assert_same(params, hf_replay("gpt2-tied", plan, units, entries, data, tied_lag=lag))
-    owner, holder = result["telemetry"]
-    assert (owner["tied_lag_bound"], owner["tied_lag_max"]) == (1, 0)
-    assert (holder["tied_lag_bound"], holder["tied_lag_max"], holder["tied_lag_last"]) == (1, 1, 1)
-    assert holder["tied_buffer_peak_bytes"] >= 100 * 32 * 8  # a received float64 (vocab, hidden) weight
-    with pytest.raises(AssertionError):  # the copy's staleness is what the run had: one step more differs
-        assert_same(params, hf_replay("gpt2-tied", plan, units, entries, data, tied_lag=2))
+    owner, middle, holder = result["telemetry"]
+    assert (owner["tied_lag_bound"], owner["tied_lag_max"]) == (2, 0) and "tied_lag_bound" not in middle
+    assert (holder["tied_lag_bound"], holder["tied_lag_max"], holder["tied_lag_last"]) == (2, 2, 2)
+    assert holder["tied_buffer_peak_bytes"] >= 2 * 100 * 32 * 8  # two received float64 (vocab, hidden) weights
+    with pytest.raises(AssertionError):  # the copy's staleness is what the run had: one step fresher differs
+        assert_same(params, hf_replay("gpt2-tied", plan, units, entries, data, tied_lag=1))
     with pytest.raises(AssertionError):  # and it is not synchronous tied training
         assert_same(params, hf_reference("gpt2-tied", data))
 
