@@ -255,7 +255,7 @@ class StageRuntime:
                 report_failure(note)
                 marked = " ".join(f"[{a}]" if k == index else str(a) for k, a in enumerate(program))
                 raise PipelineError(f"{note}\nstage {self.stage} program for {where}: {marked}") from error
-            if self.trace is not None and compute:
+            if self.trace is not None and (compute or op.kind in TIED):  # the link traces its own operations
                 self.trace.append(op)
             if compute and unit is not None:
                 unit = (unit[0], op)

@@ -8,6 +8,7 @@ under every schedule against tests/models_hf.py's single-process references.
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -205,18 +206,23 @@ def test_paci_trains_llama_as_a_replay_of_its_plan(tmp_path):
 def test_paci_trains_tied_gpt2_with_bounded_stale_copies_as_a_replay(tmp_path):
     """wte (stage 0) is stepped on the summed gradient; lm_head (stage 2) installs it two steps late
     (micro_batches < stages); stage 1 holds no copy."""
+    from lightning_paci.comm import lower_plan
     from lightning_paci.schedules import PlanSpec
-    from lightning_paci.tiedplan import tied_lag
+    from lightning_paci.tiedplan import lower_tied, tied_lag
     from tests.reference import batches
     from tests.test_pipeline_correctness import assert_same, run_pipeline
 
-    result, params = run_pipeline(tmp_path, "--nccl-order", "--hf", "gpt2-tied", "--schedule", "paci", "--stages",
-                                  "3", "--steps", str(STEPS), "--micro-batches", "2", "--batch-size", "4")
+    result, params = run_pipeline(tmp_path, "--nccl-order", "--trace", "--hf", "gpt2-tied", "--schedule",
+                                  "paci", "--stages", "3", "--steps", str(STEPS), "--micro-batches", "2",
+                                  "--batch-size", "4")
     part = partition_model(fresh_hf("gpt2-tied"), 3)
     units = [[u for u in part.stage_units(i) if u not in part.shared] for i in range(3)]
     plan = PlanSpec("paci", 3, 2, 2).plan(STEPS)
     lag = tied_lag(plan, 0, 2)
     assert lag == 2  # stage 0 runs 2 forwards of window w+1 before its S_w: all of it
+    for i, program in enumerate(lower_plan(plan)):  # what ran is what tiedplan.check_tied proves deadlock-free
+        ran = json.loads((tmp_path / f"trace_stage{i}.json").read_text())
+        assert ran == [str(op) for op in lower_tied(program, i, 0, [2], lag, 0, 0, drain=True)], f"stage {i}"
     data, entries = batches(4, STEPS), [None, part.first_unit(1), part.first_unit(2)]
     assert_same(params, hf_replay("gpt2-tied", plan, units, entries, data, tied_lag=lag))
     owner, middle, holder = result["telemetry"]
