@@ -64,6 +64,13 @@ def parameter_names(module: nn.Module, aliases: list[tuple[nn.Parameter, nn.Para
     return {id(alias): named[id(param)] for param, alias in aliases}
 
 
+def layout_of(split: Any, schedule: str) -> dict[str, Any]:
+    """What a checkpoint records of the pipeline (a ``partition.Partition`` and its schedule), and what a
+    resume must match (``check_layout``)."""
+    return {"n_stages": split.n_stages, "schedule": schedule,
+            "units": [split.stage_units(i) for i in range(split.n_stages)]}
+
+
 def save_stage(path: Path, stage: int, rank: int, checkpoint: dict[str, Any], layout: dict[str, Any],
                schedulers: list[Any], version: int, barrier: Any, replica: int = 0) -> None:
     """Collective: write Lightning's ``checkpoint`` dict, every stage its own share (see ``save``). With

@@ -4,7 +4,8 @@
 ``check_last_batch`` run in the main process before any stage starts (the launchers call the strategy's
 ``_check_before_launch``) and ``check_module`` again on every stage (torchrun/SLURM start the stages
 without a launcher); ``check_last_batch`` also runs when training starts (datamodules);
-``check_lr_schedulers`` runs on every stage, where Lightning builds the schedulers.
+``check_lr_schedulers`` and ``check_optimizer_count`` run on every stage, where Lightning builds the
+optimizer and its schedulers.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def check_lr_schedulers(configs: list[Any]) -> None:
             raise ValueError(f"{name} has interval={config.interval!r}: each stage steps its schedulers with its "
                              "own optimizer, so they must use interval='step'; return {'scheduler': ..., "
                              "'interval': 'step'} from configure_optimizers (and count in steps)")
+
+
+def check_optimizer_count(count: int | str) -> None:
+    if count != 1:
+        raise ValueError(f"configure_optimizers returned {count} optimizers; a pipeline stage steps "
+                         "exactly one (put all parameters in one optimizer, with param groups if they "
+                         "need different settings)")
 
 
 def check_last_batch(loader: Any, micro_batches: int, max_steps: int = -1, accumulate: int = 1,

@@ -10,45 +10,40 @@ Per global batch Lightning calls ``training_step`` once; the strategy runs this 
 for the batch (runtime.py) and ``optimizer_step`` only evaluates the closure, because each stage
 steps its own optimizer where the plan says. Drains happen before validation/test, at checkpoints,
 at epoch ends and at the end of fit (launch.py), before any user hook runs there.
+
+This module holds the hooks into Lightning's loop. Placement, devices, process groups and
+collectives are its base class's (processes.py); building a stage's view and runtime is
+assemble.py's; every input check is checks.py's; checkpoint files are checkpoint.py's.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
-from collections.abc import Callable, Generator
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
-from lightning.fabric.utilities.distributed import (
-    _destroy_dist_connection,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-)
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_paci import checkpoint
 from lightning_paci.advice import staleness_advice
-from lightning_paci.allreduce import ReplicaGradients
+from lightning_paci.assemble import build_runtime, split_model, stage_view
 from lightning_paci.checks import (
     check_arguments,
     check_devices,
     check_last_batch,
     check_lr_schedulers,
     check_module,
+    check_optimizer_count,
 )
 from lightning_paci.hollow import StageView
-from lightning_paci.hooks import StageHooks, send_to_rank_zero
+from lightning_paci.hooks import send_to_rank_zero
 from lightning_paci.launch import (
     CheckedMultiprocessingLauncher,
     CheckedScriptLauncher,
@@ -58,24 +53,15 @@ from lightning_paci.launch import (
     drop_prediction_writers,
 )
 from lightning_paci.logs import share_callback_metrics
-from lightning_paci.materialize import materialize
-from lightning_paci.mesh import (
-    MeshGroups,
-    PipelineLayout,
-    build_groups,
-    gather_over_replicas,
-    reduce_over_replicas,
-)
-from lightning_paci.p2p import FailureWatch, StageLink
-from lightning_paci.partition import Partition, partition_model
+from lightning_paci.partition import Partition
+from lightning_paci.processes import PipelineProcesses
 from lightning_paci.runtime import StageRuntime, alias_parameters
 from lightning_paci.schedules import STRATEGY_NAMES, PlanSpec, check_schedule
 from lightning_paci.signals import PipelineSignals
 from lightning_paci.telemetry import publish_telemetry
-from lightning_paci.tied import TiedCopies, TiedGradients, check_tied_schedule
 
 
-class PACIStrategy(ParallelStrategy):
+class PACIStrategy(PipelineProcesses):
     """Pipeline-parallel training with the PACI, 1F1B-flush or GPipe schedule; one process per stage.
 
     Args:
@@ -131,86 +117,25 @@ class PACIStrategy(ParallelStrategy):
         checkpoint_io: Any = None,
         precision_plugin: Any = None,
     ) -> None:
-        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
-                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
-                         precision_plugin=precision_plugin)
+        super().__init__(stages, timeout_s, num_threads, process_group_backend, accelerator=accelerator,
+                         parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+                         checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
         schedule = check_schedule(schedule)
         check_arguments(micro_batches, stages, partition, max_drift, start_method)
-        self.schedule, self.micro_batches, self.stages = schedule, micro_batches, stages
+        self.schedule, self.micro_batches = schedule, micro_batches
         self.split_points = list(split_points) if split_points is not None else None
         self.partition, self.max_drift = partition, max_drift
-        self._start_method, self._timeout = start_method, timedelta(seconds=timeout_s)
-        self._num_threads, self._record_timeline = num_threads, record_timeline
+        self._start_method, self._record_timeline = start_method, record_timeline
         self.skip_nonfinite_windows = skip_nonfinite_windows
-        self._process_group_backend = process_group_backend
-        self._num_nodes = 1
         self._aliases: list[tuple[nn.Parameter, nn.Parameter]] = []
         self._schedulers: list[Any] = []
         self._view: StageView | None = None
-        self._groups: MeshGroups | None = None
-        self._failure_watch: FailureWatch | None = None
         self._signals: PipelineSignals | None = None
         self.stage_split: Partition | None = None  # the split itself; `partition` is its mode
         self.runtime: StageRuntime | None = None
         self._closes_window = False  # set while Lightning's optimizer_step runs this batch
         self.telemetry: list[dict[str, Any]] | None = None
         self.stage_timeline: list | None = None
-
-    # -- sizes and placement -----------------------------------------------------------------------------
-    @property
-    def n_stages(self) -> int:
-        return self.stages or self.num_processes * self.num_nodes
-
-    @property
-    def layout(self) -> PipelineLayout:
-        return PipelineLayout.for_world(self.n_stages, self.num_processes * self.num_nodes)
-
-    @property
-    def stage(self) -> int:
-        return self.layout.place(self.global_rank).stage
-
-    @property
-    def replica(self) -> int:
-        return self.layout.place(self.global_rank).replica
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:  # set by Lightning's connector from Trainer(num_nodes)
-        self._num_nodes = num_nodes
-
-    @property
-    def shares_device(self) -> bool:
-        """``stages=N`` on one device: N stage processes share it (a smoke test of one GPU: NCCL refuses
-        two ranks on one device, so they talk over gloo, CUDA tensors staged through host memory)."""
-        return (self.stages or 1) > 1 and self.parallel_devices is not None and len(self.parallel_devices) == 1
-
-    @property
-    def num_processes(self) -> int:
-        if self.parallel_devices is None:
-            return 0
-        return self.stages if self.shares_device else len(self.parallel_devices)
-
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[0 if self.shares_device else self.local_rank]
-
-    @property
-    def is_distributed(self) -> bool:
-        # Lightning then wraps loaders in a DistributedSampler built from distributed_sampler_kwargs,
-        # so shuffle=True gives every stage the same order (seeded by epoch), whatever each process's RNG
-        # did meanwhile (dropout runs on some stages only), and sync_dist reaches reduce().
-        return True
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every stage of one replica reads the same batches in the same order; replicas read shards.
-        return {"num_replicas": self.layout.replicas, "rank": self.replica}
 
     @property
     def accumulation(self) -> int:
@@ -238,8 +163,7 @@ class PACIStrategy(ParallelStrategy):
         self._check_module(module, trainer)
         if is_overridden("configure_model", module) and not any(True for _ in module.parameters()):
             return  # the layers come in configure_model, inside each stage process: split them there
-        self.stage_split = partition_model(module, self.n_stages, self.split_points, self.partition)
-        check_tied_schedule(self.stage_split, self.schedule)
+        self.stage_split = split_model(module, self.n_stages, self.split_points, self.partition, self.schedule)
         if trainer.state.fn == TrainerFn.FITTING and len(args) > 1:
             self.check_loader(trainer, args[1])  # fit(model, train_dataloaders, ...)
 
@@ -253,35 +177,6 @@ class PACIStrategy(ParallelStrategy):
 
     # -- inside each process -----------------------------------------------------------------------------
     @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        if self.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(self._num_threads or max(1, (os.cpu_count() or 1) // max(self.num_processes, 1)))
-        elif self._num_threads:
-            torch.set_num_threads(self._num_threads)
-        self.set_world_ranks()
-        backend = self._process_group_backend or ("gloo" if self.shares_device else
-                                                  _get_default_process_group_backend_for_device(self.root_device))
-        self._process_group_backend = backend
-        if not dist.is_initialized():
-            _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
-            if backend != "nccl":  # Lightning registers this for NCCL only; a gloo group left to the
-                # interpreter's finalization can abort the process ("terminate called without an
-                # active exception", pytorch/pytorch#190489)
-                atexit.register(_destroy_dist_connection)
-        if self._failure_watch is None:
-            self._failure_watch = FailureWatch(self.stage)
-            self._failure_watch.start()
-        self._groups = build_groups(self.layout, self.global_rank, self.root_device.type, self._timeout,
-                                    host_headers=backend == "nccl")
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = self.global_rank
-
-    @override
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
@@ -290,18 +185,13 @@ class PACIStrategy(ParallelStrategy):
             raise ValueError(f"{self.n_stages} stages need {self.n_stages} x R processes, found world size "
                              f"{self.world_size}")
         self._check_module(module, trainer)
-        self.stage_split = partition_model(module, self.n_stages, self.split_points, self.partition)
-        check_tied_schedule(self.stage_split, self.schedule)
+        self.stage_split = split_model(module, self.n_stages, self.split_points, self.partition, self.schedule)
         if self.global_rank == 0:
             replicas = f", {self.layout.replicas} data-parallel replicas" if self.layout.replicas > 1 else ""
             print(f"lightning_paci: {self.schedule} over {self.n_stages} stages{replicas}, "
                   f"{self.micro_batches} micro-batches per batch\n{self.stage_split.table()}", flush=True)
         self.model = self.precision_plugin.convert_module(module)
-        if self._view is None or self._view.model is not module:  # a later validate/test reuses the view
-            units = dict(zip(self.stage_split.units, self.stage_split.stage_of))
-            self._view = StageView(module, units, self.stage, self.n_stages)
-            others = [u for u, s in units.items() if s != self.stage and u not in self.stage_split.shared]
-            materialize(module, self.root_device, skip=others)  # layers built in configure_model (meta)
+        self._view = stage_view(module, self.stage_split, self.stage, self.root_device, self._view)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -316,29 +206,14 @@ class PACIStrategy(ParallelStrategy):
             drop_prediction_writers(trainer)
 
     @override
-    def model_to_device(self) -> None:
-        assert self.model is not None
-        for p in self.model.parameters():
-            if not p.is_meta:
-                p.data = p.data.to(self.root_device)
-        for name, buf in self.model.named_buffers():
-            if not buf.is_meta:
-                owner, _, attr = name.rpartition(".")
-                self.model.get_submodule(owner)._buffers[attr] = buf.to(self.root_device)
-
-    @override
     def setup_optimizers(self, trainer: Trainer) -> None:
         try:
             super().setup_optimizers(trainer)
-            count = len(self.optimizers)
         except Exception as error:  # Lightning refuses several optimizers and suggests manual optimization
             if "multiple optimizers" not in str(error):
                 raise
-            count = "several"
-        if count != 1:
-            raise ValueError(f"configure_optimizers returned {count} optimizers; a pipeline stage steps "
-                             "exactly one (put all parameters in one optimizer, with param groups if they "
-                             "need different settings)")
+            check_optimizer_count("several")
+        check_optimizer_count(len(self.optimizers))
         check_lr_schedulers(self.lr_scheduler_configs)
         advice = staleness_advice(check_schedule(self.schedule), self.optimizers[0], self.n_stages,
                                   self.micro_batches, trainer.accumulate_grad_batches)
@@ -349,58 +224,16 @@ class PACIStrategy(ParallelStrategy):
         self._aliases = alias_parameters(self.optimizers[0])
 
     def _build_runtime(self, trainer: Trainer) -> None:
-        prev_rank, next_rank = self.layout.neighbours(self.global_rank)
-        groups = self._groups.boundaries if self._groups is not None else None
-        link = StageLink(self.stage, prev_rank=prev_rank, next_rank=next_rank,
-                         device=self.root_device, groups=groups,
-                         staged=self.root_device.type != "cpu" and self._process_group_backend == "gloo",
-                         timeout_s=self._timeout.total_seconds())
         fitting = trainer.state.fn == TrainerFn.FITTING
-        replicas = self.layout.replicas
-        spec = PlanSpec(check_schedule(self.schedule), self.n_stages, self.micro_batches, self.accumulation,
-                        replicas)
-        if fitting and self.stage_split.tied and replicas > 1 and spec.schedule == "paci":
-            raise ValueError("weights tied across stages with data-parallel replicas are not supported under "
-                             "schedule='paci' yet: use schedule='1f1b' or 'gpipe', untie them, or run one replica "
-                             "(devices x num_nodes = stages)")
-        tied = None
-        if fitting and self.stage_split.tied:
-            pipelines = [self.layout.pipeline_ranks(r) for r in range(replicas)]
-            args = (self.lightning_module, self.stage_split, self.stage)
-            tied = (TiedCopies(*args, pipelines[0], spec, self._timeout) if spec.schedule == "paci"
-                    else TiedGradients(*args, pipelines, self.replica, self._timeout))
-        if self.runtime is not None and self.runtime.replicas is not None:
-            self.runtime.replicas.remove()  # a new runtime (a later fit): one hook per parameter
-        averaging = (ReplicaGradients([p for p, _ in self._aliases], self._groups.replica_group, replicas)
-                     if replicas > 1 and fitting else None)
-        self.runtime = StageRuntime(
-            self.lightning_module, self._view, spec, link,
-            optimizer=self.optimizers[0] if fitting else None,
-            aliases=self._aliases, schedulers=self._schedulers, tied=tied,
-            device=self.root_device, forward_context=self.precision_plugin.forward_context,
-            hooks=StageHooks(self.lightning_module, self.precision_plugin, self.stage, trainer.log_every_n_steps),
+        spec = PlanSpec(self.schedule, self.n_stages, self.micro_batches, self.accumulation, self.layout.replicas)
+        seed = self.broadcast(torch.initial_seed() % 2**63)  # one seed for the stages' shared randomness
+        self.runtime = build_runtime(
+            self.lightning_module, self._view, self.stage_split, spec, self.stage_link(), layout=self.layout,
+            groups=self._groups, timeout=self._timeout, fitting=fitting,
+            optimizer=self.optimizers[0] if fitting else None, aliases=self._aliases, schedulers=self._schedulers,
+            precision_plugin=self.precision_plugin, log_every_n_steps=trainer.log_every_n_steps,
             record_timeline=self._record_timeline, skip_nonfinite_windows=self.skip_nonfinite_windows,
-            seed=self.broadcast(torch.initial_seed() % 2**63),  # one seed for the stages' shared randomness
-            replicas=averaging)
-
-    @override
-    @contextmanager
-    def model_sharded_context(self) -> Generator[None, None, None]:
-        """``configure_model`` builds on the meta device; each stage then materializes its own units."""
-        with torch.device("meta"):
-            yield
-
-    @override
-    @contextmanager
-    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
-        """``with trainer.init_module(empty_init=True)``: the model is built on the meta device, as under
-        FSDP, and each stage materializes only its own units (materialize.py); otherwise as Lightning."""
-        if not empty_init:
-            with super().tensor_init_context(empty_init):
-                yield
-            return
-        with torch.device("meta"), self.precision_plugin.tensor_init_context():
-            yield
+            seed=seed, previous=self.runtime)
 
     # -- the training loop -------------------------------------------------------------------------------
     @override
@@ -486,36 +319,6 @@ class PACIStrategy(ParallelStrategy):
         """Copy the last stage's callback metrics to every stage (for ModelCheckpoint/EarlyStopping)."""
         share_callback_metrics(self.lightning_module.trainer, self.global_rank, self.broadcast)
 
-    # -- collectives ---------------------------------------------------------------------------------------
-    @override
-    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
-        # Values logged with sync_dist come from the last stage: reduced over its replicas (DDP's value),
-        # never over other stages (a collective with them would stall them mid-pipeline).
-        return reduce_over_replicas(tensor, self._groups, reduce_op)
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
-        return gather_over_replicas(tensor, self._groups)  # DDP's result, over this stage's replicas
-
-    @override
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        flag = torch.tensor(int(decision), device=self.root_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        return bool(flag == self.world_size) if all else bool(flag)
-
-    @override
-    def barrier(self, name: str | None = None) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not (dist.is_available() and dist.is_initialized()):
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src)
-        return box[0]
-
     # -- state ---------------------------------------------------------------------------------------------
     @property
     @override
@@ -540,23 +343,20 @@ class PACIStrategy(ParallelStrategy):
             raise TypeError("PACIStrategy writes checkpoints with torch.distributed.checkpoint; "
                             "storage_options are not supported")
         version = self.runtime.version if self.runtime is not None else 0
+        layout = checkpoint.layout_of(self.stage_split, self.schedule)
         checkpoint.save_stage(Path(self.broadcast(str(filepath))), self.stage, self.global_rank, checkpoint_dict,
-                              self._layout(), self._schedulers, version, self.barrier, self.replica)
+                              layout, self._schedulers, version, self.barrier, self.replica)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         names = checkpoint.parameter_names(self.lightning_module, self._aliases)
+        layout = checkpoint.layout_of(self.stage_split, self.schedule)
         meta, version = checkpoint.load_stage(
-            Path(self.broadcast(str(checkpoint_path))), self.stage, self._layout(), self.lightning_module,
+            Path(self.broadcast(str(checkpoint_path))), self.stage, layout, self.lightning_module,
             self.optimizers[0] if self.optimizers else None, names, self._schedulers, weights_only)
         if self.runtime is not None:
             self.runtime.version = version
         return meta
-
-    def _layout(self) -> dict[str, Any]:
-        assert self.stage_split is not None
-        return {"n_stages": self.n_stages, "schedule": self.schedule,
-                "units": [self.stage_split.stage_units(i) for i in range(self.n_stages)]}
 
     @override
     def load_model_state_dict(self, checkpoint_dict: Any, strict: bool = True) -> None:
@@ -577,17 +377,6 @@ class PACIStrategy(ParallelStrategy):
         """
         own = self.lightning_module_state_dict() if self.replica == 0 else {}  # replicas hold copies
         return checkpoint.gather_full_state_dict(own, self.global_rank, self.world_size)
-
-    @override
-    def teardown(self) -> None:
-        if self._failure_watch is not None:
-            self._failure_watch.done.set()
-            self._failure_watch = None
-        if self.cluster_environment is not None:
-            self.cluster_environment.teardown()
-        self.precision_plugin.teardown()
-        if self.accelerator is not None:
-            self.accelerator.teardown()
 
     @classmethod
     @override

@@ -10,7 +10,8 @@ TensorBoard's own reader. Runs named ``<configuration>-s<seed>`` are seeds of on
 The table gives per run: the final validation perplexity, the training time to reach the target
 perplexity (default: the worst final perplexity among the runs that validated), the speed-up
 against the fastest flush configuration (1F1B-flush or GPipe; with seeds, the one with the lowest
-median time) to that target, the tokens/s, the peak memory of the largest stage and the maximal
+median time) to that target, the tokens/s (training tokens / training seconds at the last
+validation: the whole run's average), the peak memory of the largest stage and the maximal
 version drift. With seeds, a second table gives each configuration's median [min, max].
 
 Time to target is read off the validation curve: the curve is interpolated linearly in log
@@ -151,7 +152,7 @@ def load_run(run_dir: Path) -> Run:
         ppl=[ppl[s] for s in steps],
         elapsed_s=[elapsed[s] for s in steps],
         tokens=[tokens[s] for s in steps],
-        tokens_per_s=last("perf/tokens_per_s"),
+        tokens_per_s=tokens[steps[-1]] / elapsed[steps[-1]] if steps and elapsed[steps[-1]] > 0 else None,
         peak_memory_bytes=over_stages("peak_memory_bytes"),
         max_drift=over_stages("max_drift"),
         unigram_ppl=last("val/unigram_ppl"),

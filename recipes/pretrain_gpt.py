@@ -34,7 +34,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from recipes.callbacks import TokenThroughput
+from recipes.callbacks import PipelineThroughput, ValidationClock
 
 
 @dataclass
@@ -50,6 +50,7 @@ class RecipeConfig:
     checked by the typed constructors they are passed to (model, data, strategy, Trainer)."""
 
     seed: int = MISSING
+    throughput_window: int = MISSING
     run: RunConfig = field(default_factory=RunConfig)
     model: Any = MISSING
     data: Any = MISSING
@@ -69,7 +70,8 @@ def build(cfg: DictConfig, run_dir: Path):
     # A strategy group either names a strategy class (_target_) or is a plain Lightning name ("auto").
     strategy = instantiate(cfg.strategy) if OmegaConf.is_dict(cfg.strategy) else cfg.strategy
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    trainer = L.Trainer(**cfg.trainer, strategy=strategy, logger=logger, callbacks=[TokenThroughput()])
+    callbacks = [PipelineThroughput(window_size=cfg.throughput_window), ValidationClock()]
+    trainer = L.Trainer(**cfg.trainer, strategy=strategy, logger=logger, callbacks=callbacks)
     return trainer, model, datamodule
 
 
@@ -77,12 +79,12 @@ def report(trainer: L.Trainer, datamodule, run_dir: Path) -> float:
     """Print the final validation perplexity beside the unigram one; save pipeline telemetry."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ppl, unigram = metrics.get("val/ppl", float("nan")), datamodule.val_unigram_perplexity()
+    tokens, elapsed = metrics.get("val/tokens_seen", 0.0), metrics.get("val/elapsed_s", 0.0)
     print(
         f"\nfinal validation perplexity {ppl:.3f}  |  unigram (byte-frequency) perplexity of the "
         f"validation split {unigram:.3f}  |  ratio {ppl / unigram:.3f}\n"
-        f"{metrics.get('perf/tokens_seen', 0):.0f} tokens, "
-        f"{metrics.get('perf/elapsed_s', 0):.1f} s of training, "
-        f"{metrics.get('perf/tokens_per_s', 0):.0f} tokens/s  ->  {run_dir}"
+        f"at the last validation: {tokens:.0f} tokens, {elapsed:.1f} s of training, "
+        f"{tokens / elapsed if elapsed else 0:.0f} tokens/s  ->  {run_dir}"
     )
     telemetry = getattr(trainer.strategy, "telemetry", None)
     if telemetry:

@@ -44,7 +44,7 @@ def write_run(sweep: Path, name: str, schedule: str, seed: int, val: list[tuple[
                                summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])))
 
     for step in range(train_steps):
-        scalar("perf/tokens_per_s", 1000.0 + step, step)
+        scalar("train/device/items_per_sec", 1000.0 + step, step)  # ThroughputMonitor's rate: not read
         scalar("train/loss", 3.0, step)
     for step, ppl, elapsed in val:
         scalar("val/ppl", ppl, step)
@@ -89,6 +89,8 @@ def test_time_to_target_is_interpolated_and_seeds_are_banded(seeded_sweep: Path,
     med = sum(speedups) / 2
     assert "| paci-m4 | 2 | 4.500 [4.400, 4.600] |" in md
     assert f"{med:.2f}x [{speedups[0]:.2f}, {speedups[1]:.2f}] |" in md
+    # tokens/s: the whole run's average, tokens / training seconds at the last validation
+    assert by_name["paci-m4-s1"]["tokens_per_s"] == pytest.approx(2048 * 150 / 25.5)
 
     labels = plot(runs, target, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -136,10 +136,11 @@ def test_sigterm_to_any_stage_stops_every_stage_at_a_drain(job, tmp_path, rank):
     j.wait_for(ckpt / "epoch=0-step=4.ckpt")
     time.sleep(0.5)
     os.kill(pids[rank], signal.SIGTERM)
-    took = _ended_within(j, 15)
+    # well inside the 20 s timeout_s, so the stop came from the drain, not from a neighbour timing out
+    # (no tighter bound: a timed assertion would fail on a loaded machine, not on a wrong stop)
+    _ended_within(j, 15)
     out = j.output()
     assert j.proc.returncode == 0, out[-3000:]
-    assert took < 8, f"took {took:.1f} s"
     assert "stops on SIGTERM after batch" in out, out[-3000:]
     saved = sorted(ckpt.glob("*.ckpt"))
     assert saved and all((c / "meta.pt").is_file() for c in saved)

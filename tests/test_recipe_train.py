@@ -26,10 +26,10 @@ TINY = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", f"model.block_size={T}",
     "data.max_bytes=300000", f"data.batch_size={BATCH}", "data.val_batches=2",
     f"trainer.max_steps={STEPS}", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "throughput_window=3",
 ]
 LOGGED = ["train/loss", "train/ppl", "train/lr", "val/loss", "val/ppl", "val/elapsed_s", "val/tokens_seen",
-          "perf/tokens_seen", "perf/tokens_per_s", "perf/elapsed_s"]
+          "train/lengths", "train/time", "train/device/items_per_sec"]  # the last three: ThroughputMonitor
 
 
 def run(*args: str, timeout: float = 240) -> str:
@@ -53,7 +53,13 @@ def check_run(run_dir: Path) -> dict[str, list]:
     logged = scalars(run_dir)
     assert set(LOGGED) <= set(logged), set(LOGGED) - set(logged)
     assert [e.step for e in logged["val/ppl"]] == [2, 5]  # after steps 3 and 6
-    assert logged["perf/tokens_seen"][-1].value == STEPS * BATCH * T
+    assert logged["train/lengths"][-1].value == STEPS * BATCH * T
+    # One process or one pipeline is one data-parallel replica: no "global" rate that multiplies the
+    # pipeline's tokens by its number of stages (recipes/callbacks.PipelineThroughput).
+    assert "train/items_per_sec" not in logged
+    lengths, times = logged["train/lengths"], logged["train/time"]
+    window = (lengths[-1].value - lengths[-3].value) / (times[-1].value - times[-3].value)
+    assert logged["train/device/items_per_sec"][-1].value == pytest.approx(window, rel=1e-4)
     assert logged["val/tokens_seen"][-1].value == STEPS * BATCH * T
     assert 1 < logged["val/ppl"][-1].value < 300
     assert (run_dir / ".hydra" / "config.yaml").exists()  # the run's composed config sits beside it
@@ -126,7 +132,7 @@ def test_sweep_produces_two_runs_and_compare_matches_their_events(tmp_path):
         else:
             frac = (math.log(ppl[i - 1]) - math.log(target)) / (math.log(ppl[i - 1]) - math.log(ppl[i]))
             assert time_to == f"{elapsed[i - 1] + frac * (elapsed[i] - elapsed[i - 1]):.1f}"
-        assert tokens_per_s == f"{s['perf/tokens_per_s'][-1].value:.0f}"
+        assert tokens_per_s == f"{s['val/tokens_seen'][-1].value / s['val/elapsed_s'][-1].value:.0f}"
         peak = max(s[f"pipeline/stage{k}/peak_memory_bytes"][-1].value for k in (0, 1))
         assert memory == f"{peak / 2**20:.1f}"
         assert drift == f"{max(s[f'pipeline/stage{k}/max_drift'][-1].value for k in (0, 1)):.0f}"

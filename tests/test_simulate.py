@@ -12,13 +12,13 @@ import pytest
 from lightning_paci.schedules import build_plan
 from lightning_paci.simulate import (
     CostModel,
-    main,
     replay,
     run_plan,
     simulate,
     simulate_schedule,
     steady_batches,
 )
+from lightning_paci.simulate_cli import main
 from lightning_paci.timeline import TimelineEvent, chrome_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_planning_core_imports_no_torch() -> None:
     # The real package: its __init__ runs first and must not load torch (or Lightning) either;
     # matplotlib waits for plot_gantt.
     code = ("import lightning_paci.plan, lightning_paci.schedules, lightning_paci.simulate, "
-            "lightning_paci.timeline, lightning_paci.comm, lightning_paci.dataflow\n")
+            "lightning_paci.simulate_cli, lightning_paci.timeline, lightning_paci.comm, lightning_paci.dataflow\n")
     done = _imports_without(code, ("torch", "lightning", "matplotlib"))
     assert done.returncode == 0, done.stderr
 
